@@ -1,0 +1,206 @@
+"""SGLang's rules as data, keyed by SGLang version: the one place to edit when SGLang changes.
+
+Read from the SGLang wheels 0.5.4 to 0.5.23 on PyPI and checked against SGLang's own argument pipeline
+(``tox -e contract``). Paths are inside the ``sglang`` package of the 0.5.23 wheel unless a version is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packaging.version import InvalidVersion, Version
+
+from mlaprop.environment import AttentionBackend, InvalidEnvironment, Vendor
+
+__all__ = [
+    "KNOWN_VERSIONS",
+    "NEWEST",
+    "SOURCES",
+    "Capabilities",
+    "backend_runs_on",
+    "capabilities_for",
+    "is_blackwell",
+    "parse_arch",
+]
+
+_B = AttentionBackend
+
+#: Upstream sources cited by decisions; keys are short names used in this package.
+SOURCES: dict[str, str] = {
+    "test": "https://github.com/sgl-project/sglang/blob/main/test/registered/mla/test_mla_fp8.py",
+    "deterministic_allowlist": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/choices.py"
+        " (server_args.py before 0.5.20): DETERMINISTIC_ATTENTION_BACKEND_CHOICES"
+    ),
+    "pipeline_order": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/pipeline.py"
+        " (deterministic pass runs before the default backend from 0.5.12)"
+    ),
+    "default_backend": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/model_override_base.py"
+        " get_default_attn_backend"
+    ),
+    "fa3_fp8_e5m2": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/attention_hook.py"
+        " (FlashAttention3 only supports fp8_e4m3 KV cache: fa3 + fp8_e5m2 -> triton)"
+    ),
+    "rocm_fused_decode_mla": (
+        "https://github.com/sgl-project/sglang/issues/23536 and https://github.com/sgl-project/sglang/pull/23382"
+    ),
+    "rocm_kv_fp8": "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/mem_cache/kv_cache_dtype.py",
+    "amd_ci_marker": "https://github.com/sgl-project/sglang/blob/main/python/sglang/test/test_utils.py is_in_amd_ci",
+    "envbool": "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/environ.py EnvBool",
+    "is_hip": "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/utils/common.py is_hip",
+    "mla_fp8_kv": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/attention_hook.py"
+        " (trtllm_mla and cutedsl_mla accept only fp8_e4m3, bf16 or auto KV cache)"
+    ),
+    "hardware": "https://docs.sglang.ai/advanced_features/attention_backend.html (backend support matrix)",
+    "launcher": "mlaprop.server (the launcher owns --model-path, --host and --port)",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one SGLang version does with the flags mlaprop composes.
+
+    Attributes:
+        version: the SGLang version these rules describe, as ``"0.5.11"``.
+        deterministic_backends: attention backends ``--enable-deterministic-inference`` accepts
+            (``DETERMINISTIC_ATTENTION_BACKEND_CHOICES``); any other raises SGLang's ``ValueError``.
+        radix_backends: backends that keep the radix cache on under deterministic inference
+            (DeepSeek-family models need one of them for absorbed MLA).
+        deterministic_resolves_first: from 0.5.12 the deterministic pass chooses a backend before the
+            platform default is filled in; up to 0.5.11 the default (``aiter`` on ROCm) came first and then
+            failed the allow-list check.
+        rocm_fused_decode_mla_any_backend: ``SGLANG_ROCM_FUSED_DECODE_MLA`` applies to every backend (up to
+            0.5.22), which breaks ``triton`` on ROCm; 0.5.23 applies it to ``aiter`` only.
+    """
+
+    version: str
+    deterministic_backends: frozenset[AttentionBackend]
+    radix_backends: frozenset[AttentionBackend]
+    deterministic_resolves_first: bool
+    rocm_fused_decode_mla_any_backend: bool
+
+    def deterministic_allowlist(self) -> list[str]:
+        """The allow-list as SGLang prints it, sorted: ``['fa3', 'flashinfer', 'triton']``."""
+        return sorted(b.value for b in self.deterministic_backends)
+
+
+def _rules(version: str) -> Capabilities:
+    v = Version(version)
+    det = {_B.FLASHINFER, _B.FA3, _B.TRITON}
+    radix = {_B.FA3, _B.TRITON}
+    if v >= Version("0.5.13"):
+        det.add(_B.ASCEND)
+        radix.add(_B.ASCEND)
+    if v >= Version("0.5.16"):
+        det.add(_B.FA4)
+        radix.add(_B.FA4)
+    if v >= Version("0.5.19"):
+        det.add(_B.INTEL_XPU)
+    return Capabilities(
+        version=version,
+        deterministic_backends=frozenset(det),
+        radix_backends=frozenset(radix),
+        deterministic_resolves_first=v >= Version("0.5.12"),
+        rocm_fused_decode_mla_any_backend=v < Version("0.5.23"),
+    )
+
+
+#: Every SGLang version whose rules are encoded, oldest first.
+KNOWN_VERSIONS: tuple[str, ...] = tuple(f"0.5.{n}" for n in range(4, 24))
+#: The newest known SGLang version.
+NEWEST: str = KNOWN_VERSIONS[-1]
+
+_TABLE: dict[str, Capabilities] = {v: _rules(v) for v in KNOWN_VERSIONS}
+
+
+def capabilities_for(version: str) -> Capabilities:
+    """The rules for SGLang ``version``.
+
+    A version newer than :data:`NEWEST` gets the newest rules (compose records a decision saying so);
+    a pre-release or local version (``0.5.11rc1``, ``0.5.11+rocm``) gets its release's rules.
+
+    Raises:
+        InvalidEnvironment: ``version`` is not a version, or is older than the oldest known (0.5.4).
+    """
+    try:
+        v = Version(str(version).strip())
+    except InvalidVersion:
+        raise InvalidEnvironment(
+            f"SGLang version {version!r} is not a version number; expected one like {NEWEST!r} "
+            f"(known: {KNOWN_VERSIONS[0]} to {NEWEST})"
+        ) from None
+    key = v.base_version
+    if key in _TABLE:
+        return _TABLE[key]
+    if v < Version(KNOWN_VERSIONS[0]):
+        raise InvalidEnvironment(
+            f"SGLang {version} is older than the oldest version mlaprop knows ({KNOWN_VERSIONS[0]}); "
+            f"known: {KNOWN_VERSIONS[0]} to {NEWEST}"
+        )
+    if v > Version(NEWEST):
+        return _TABLE[NEWEST]
+    # A gap inside the known range cannot happen (the table is contiguous) unless a micro like 0.5.11.1.
+    older = [k for k in KNOWN_VERSIONS if Version(k) <= v]
+    return _TABLE[older[-1]]
+
+
+def parse_arch(arch: str) -> tuple[str, int]:
+    """Split a GPU architecture into family and number: ``"sm90"`` -> ``("sm", 90)``, ``"gfx942"`` ->
+    ``("gfx", 942)`` (gfx targets are hex-ish, e.g. ``gfx90a``: the number is parsed as hex then).
+
+    Raises:
+        InvalidEnvironment: not of the form ``sm<digits>`` or ``gfx<hex digits>``.
+    """
+    a = arch.strip().lower()
+    try:
+        if a.startswith("sm") and a[2:].isdigit():
+            return "sm", int(a[2:])
+        if a.startswith("gfx") and a[3:]:
+            return "gfx", int(a[3:], 16) if not a[3:].isdigit() else int(a[3:])
+    except ValueError:
+        pass
+    raise InvalidEnvironment(
+        f"unknown GPU architecture {arch!r}: expected a CUDA compute capability like sm80, sm90, sm100 "
+        "or a ROCm target like gfx90a, gfx942, gfx950"
+    )
+
+
+def is_blackwell(arch: str) -> bool:
+    """SM100/SM103/SM110/SM120/SM121: SGLang's ``is_sm100_supported`` / ``is_sm120_supported`` family."""
+    family, n = parse_arch(arch)
+    return family == "sm" and n >= 100
+
+
+# Where each attention backend's kernels exist (NVIDIA by compute capability, AMD by vendor).
+_NVIDIA_ANY = frozenset({_B.TRITON, _B.FLASHINFER, _B.TORCH_NATIVE})
+_AMD_ANY = frozenset({_B.AITER, _B.TRITON, _B.WAVE, _B.TORCH_NATIVE})
+
+
+def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str) -> bool:
+    """Whether ``backend`` has kernels for this GPU (SGLang's attention backend support matrix).
+
+    ``fa3`` needs Hopper (sm90); ``fa4`` sm100/sm110; ``flashmla`` sm90/sm100; ``cutlass_mla`` and
+    ``trtllm_mla`` sm100; ``aiter`` and ``wave`` ROCm only; ``ascend`` and ``intel_xpu`` neither vendor.
+    """
+    if vendor is Vendor.AMD:
+        return backend in _AMD_ANY
+    if vendor is not Vendor.NVIDIA:
+        return False
+    if backend in _NVIDIA_ANY:
+        return True
+    family, n = parse_arch(arch)
+    if family != "sm":
+        return False
+    if backend is _B.FA3:
+        return n == 90
+    if backend is _B.FA4:
+        return n in (100, 103, 110)
+    if backend is _B.FLASHMLA:
+        return n in (90, 100, 103)
+    if backend in (_B.CUTLASS_MLA, _B.TRTLLM_MLA):
+        return n in (100, 103)
+    return False

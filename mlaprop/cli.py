@@ -1,0 +1,230 @@
+"""The ``mlaprop`` command line.
+
+Exit codes: 0 success (or a passed gate), 1 a failed gate, 2 a usage or environment error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+from mlaprop import __version__
+from mlaprop.capabilities import KNOWN_VERSIONS
+from mlaprop.compose import UnsupportedCombination, compose
+from mlaprop.detect import detect_environment
+from mlaprop.environment import (
+    DEFAULT_MODEL,
+    AttentionBackend,
+    Environment,
+    InvalidEnvironment,
+    KVCacheDtype,
+    LaunchPlan,
+    LaunchRequest,
+    Vendor,
+)
+
+__all__ = ["main", "plan_to_dict", "shell_command"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def shell_command(plan: LaunchPlan, *, host: str = "127.0.0.1", port: int | str = 30000) -> str:
+    """The plan as one shell-quoted ``python -m sglang.launch_server`` line, environment variables first.
+    Secret values (``--api-key``) are shown as ``***``."""
+    argv = ["python", "-m", "sglang.launch_server", "--model-path", plan.model, "--host", host, "--port", str(port)]
+    argv += list(plan.argv)
+    try:
+        from mlaprop.redact import redact_argv
+
+        argv = list(redact_argv(argv))
+    except ImportError:  # pragma: no cover - redact ships with mlaprop
+        pass
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
+    return " ".join([*env, *(shlex.quote(a) for a in argv)])
+
+
+def plan_to_dict(plan: LaunchPlan) -> dict[str, Any]:
+    """A JSON-ready view of a plan (enums as their CLI spellings)."""
+    return {
+        "model": plan.model,
+        "sglang_version": plan.sglang_version,
+        "argv": list(plan.argv),
+        "env": dict(plan.env),
+        "attention_backend": plan.attention_backend.value,
+        "deterministic": plan.deterministic,
+        "decisions": [
+            {"action": d.action.value, "subject": d.subject, "reason": d.reason, "source": d.source}
+            for d in plan.decisions
+        ],
+    }
+
+
+def environment_to_dict(environment: Environment) -> dict[str, Any]:
+    """A JSON-ready view of an environment."""
+    data = asdict(environment)
+    data["vendor"] = environment.vendor.value
+    data["notes"] = list(environment.notes)
+    return data
+
+
+def _add_platform_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("platform (overrides detection; preview another machine)")
+    g.add_argument("--vendor", choices=[v.value for v in Vendor], help="GPU vendor (MLAPROP_VENDOR)")
+    g.add_argument("--arch", help="GPU architecture: sm80, sm90, sm100, gfx90a, gfx942 ... (MLAPROP_ARCH)")
+    g.add_argument("--sglang-version", help=f"SGLang version whose rules apply ({KNOWN_VERSIONS[0]}..{KNOWN_VERSIONS[-1]})")
+    g.add_argument("--ci-amd", metavar="VALUE", help="treat SGLANG_IS_IN_CI_AMD as set to VALUE")
+    g.add_argument("--gpus", type=int, metavar="N", help="visible GPU count (default: detected)")
+
+
+def _add_request_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("request (defaults: SGLang's test_mla_fp8.py)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="model path or Hugging Face id (default: %(default)s)")
+    g.add_argument(
+        "--attention-backend", choices=[b.value for b in AttentionBackend], help="force an attention backend"
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default=KVCacheDtype.FP8_E5M2.value,
+        choices=[d.value for d in KVCacheDtype],
+        help="KV-cache dtype (default: %(default)s)",
+    )
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default: %(default)s)")
+    g.add_argument(
+        "--no-deterministic", action="store_true", help="do not ask for --enable-deterministic-inference"
+    )
+    g.add_argument(
+        "--server-args",
+        default="",
+        metavar="ARGS",
+        help="extra SGLang server arguments as one shell-quoted string, e.g. '--mem-fraction-static 0.8'",
+    )
+
+
+def _environment_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Environment:
+    import os
+
+    env = dict(os.environ if environ is None else environ)
+    if args.vendor:
+        env["MLAPROP_VENDOR"] = args.vendor
+    if args.arch:
+        env["MLAPROP_ARCH"] = args.arch
+    if args.sglang_version:
+        env["MLAPROP_SGLANG_VERSION"] = args.sglang_version
+    if args.ci_amd is not None:
+        env["SGLANG_IS_IN_CI_AMD"] = args.ci_amd
+    detected = detect_environment(env)
+    gpus = args.gpus
+    if gpus is None and (args.vendor or args.arch) and detected.vendor is not Vendor.NONE:
+        gpus = max(detected.gpu_count, getattr(args, "tp", 1))  # a preview has as many GPUs as tp needs
+    if gpus is not None:
+        detected = replace(detected, gpu_count=gpus)
+    return detected
+
+
+def _request_from_args(args: argparse.Namespace) -> LaunchRequest:
+    try:
+        extra = tuple(shlex.split(args.server_args))
+    except ValueError as exc:
+        raise InvalidEnvironment(f"--server-args is not valid shell quoting: {exc}") from None
+    return LaunchRequest(
+        model=args.model,
+        kv_cache_dtype=KVCacheDtype(args.kv_cache_dtype),
+        deterministic=not args.no_deterministic,
+        attention_backend=AttentionBackend(args.attention_backend) if args.attention_backend else None,
+        tp_size=args.tp,
+        extra_args=extra,
+    )
+
+
+def _cmd_env(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
+    env = _environment_from_args(args, environ)
+    if args.json:
+        print(json.dumps(environment_to_dict(env), indent=2))
+        return EXIT_OK
+    print(f"vendor:          {env.vendor}")
+    print(f"arch:            {env.arch or '-'}")
+    print(f"visible GPUs:    {env.gpu_count}")
+    print(f"torch.version.hip set: {env.torch_hip}")
+    print(f"CUDA (torch):    {env.cuda_version or '-'}")
+    print(f"SGLANG_IS_IN_CI: {env.ci.sglang_is_in_ci!r}")
+    print(f"SGLANG_IS_IN_CI_AMD: {env.ci.sglang_is_in_ci_amd!r}")
+    print(f"SGLang version:  {env.sglang_version}")
+    for note in env.notes:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
+    env = _environment_from_args(args, environ)
+    plan = compose(env, _request_from_args(args))
+    if args.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+        return EXIT_OK
+    print(shell_command(plan))
+    if args.explain:
+        print()
+        print(f"# {env.vendor} {env.arch} x{env.gpu_count}, SGLang {env.sglang_version} rules")
+        print(f"# attention backend SGLang will resolve to: {plan.attention_backend}")
+        print(f"# deterministic inference: {'on' if plan.deterministic else 'off'}")
+        for d in plan.decisions:
+            print(f"{d.action.value:>9}  {d.subject}: {d.reason}")
+            print(f"{'':>9}  source: {d.source}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``mlaprop``."""
+    parser = argparse.ArgumentParser(
+        prog="mlaprop",
+        description="Compose, launch and verify SGLang's MLA FP8 server test on NVIDIA and AMD GPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlaprop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p_env = sub.add_parser("env", help="show the detected environment")
+    _add_platform_options(p_env)
+    p_env.add_argument("--json", action="store_true", help="print JSON")
+    p_env.set_defaults(func=_cmd_env)
+
+    p_compose = sub.add_parser("compose", help="print the SGLang launch command composed for this environment")
+    _add_platform_options(p_compose)
+    _add_request_options(p_compose)
+    p_compose.add_argument("--explain", action="store_true", help="one line per decision with reason and source")
+    p_compose.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p_compose.set_defaults(func=_cmd_compose)
+
+    _add_job_commands(sub)
+    return parser
+
+
+def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``run`` and ``eval`` (the main job): see :mod:`mlaprop.runner`."""
+    try:
+        from mlaprop import runner
+    except ImportError:  # pragma: no cover - while runner.py is being written
+        return
+    add = getattr(runner, "add_cli_commands", None)
+    if add is not None:
+        add(sub)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run ``mlaprop``; returns the exit code (0 ok, 1 failed gate, 2 usage/environment error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args, environ)
+    except (UnsupportedCombination, InvalidEnvironment) as exc:
+        kind = type(exc).__name__
+        print(f"mlaprop: error: {kind}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Detect the environment the server will run in. The impure edge in front of :func:`mlaprop.compose.compose`.
+
+Order: explicit overrides (``MLAPROP_VENDOR``, ``MLAPROP_ARCH``, ``MLAPROP_SGLANG_VERSION``), then hardware
+probes (``torch`` if importable, else ``nvidia-smi`` / ``rocminfo``), then device masks. CI markers are kept
+raw and read by :mod:`mlaprop.ci` exactly as SGLang reads them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mlaprop.capabilities import NEWEST, capabilities_for, parse_arch
+from mlaprop.environment import CIMarkers, Environment, InvalidEnvironment, Vendor, parse_enum
+
+__all__ = [
+    "HardwareProbe",
+    "apply_device_masks",
+    "detect_environment",
+    "parse_device_mask",
+    "probe_hardware",
+]
+
+#: Probe commands get this long before they count as absent (seconds).
+PROBE_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class HardwareProbe:
+    """What a hardware probe saw.
+
+    Attributes:
+        vendor: GPU vendor found, ``Vendor.NONE`` when nothing answered.
+        arch: ``smXY`` or ``gfxNNN`` of the first device, ``""`` when unknown.
+        count: devices seen by the probe.
+        masks_applied: the probe already honoured the device masks (torch does, ``nvidia-smi`` does not).
+        torch_hip: ``torch.version.hip`` is set.
+        cuda_version: ``torch.version.cuda`` (``"12.8"``) or ``None``.
+        source: which probe answered (``"torch"``, ``"nvidia-smi"``, ``"rocminfo"``, ``"none"``).
+    """
+
+    vendor: Vendor = Vendor.NONE
+    arch: str = ""
+    count: int = 0
+    masks_applied: bool = False
+    torch_hip: bool = False
+    cuda_version: str | None = None
+    source: str = "none"
+
+
+def _run(cmd: list[str]) -> str | None:
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, *cmd[1:]], capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _probe_torch() -> HardwareProbe | None:
+    try:
+        import torch  # type: ignore[import-not-found]
+    except Exception:  # a broken torch install is "no torch" for detection
+        return None
+    hip = getattr(torch.version, "hip", None)
+    cuda = getattr(torch.version, "cuda", None)
+    try:
+        available = bool(torch.cuda.is_available())
+        count = int(torch.cuda.device_count()) if available else 0
+    except Exception:
+        available, count = False, 0
+    if not available or count == 0:
+        if hip is None and cuda is None:
+            return None  # a CPU build of torch says nothing about GPUs: ask the vendor tools
+        return HardwareProbe(torch_hip=hip is not None, cuda_version=cuda, source="torch", masks_applied=True)
+    if hip is not None:
+        name = str(getattr(torch.cuda.get_device_properties(0), "gcnArchName", "") or "")
+        arch = name.split(":")[0]
+        return HardwareProbe(Vendor.AMD, arch, count, True, True, cuda, "torch")
+    major, minor = torch.cuda.get_device_capability(0)
+    return HardwareProbe(Vendor.NVIDIA, f"sm{major}{minor}", count, True, False, cuda, "torch")
+
+
+def _probe_nvidia_smi() -> HardwareProbe | None:
+    out = _run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
+    if not out:
+        return None
+    caps = [line.strip() for line in out.splitlines() if re.fullmatch(r"\d+\.\d+", line.strip())]
+    if not caps:
+        return None
+    return HardwareProbe(Vendor.NVIDIA, "sm" + caps[0].replace(".", ""), len(caps), source="nvidia-smi")
+
+
+def _probe_rocminfo() -> HardwareProbe | None:
+    out = _run(["rocminfo"])
+    if not out:
+        return None
+    archs = re.findall(r"^\s*Name:\s*(gfx[0-9a-f]+)\s*$", out, flags=re.MULTILINE)
+    if not archs:
+        return None
+    return HardwareProbe(Vendor.AMD, archs[0], len(archs), source="rocminfo")
+
+
+def probe_hardware() -> HardwareProbe:
+    """Ask torch, then ``nvidia-smi``, then ``rocminfo``; the first that sees a GPU answers.
+
+    Never raises: a missing or failing probe (timeout :data:`PROBE_TIMEOUT` seconds) counts as no answer.
+    """
+    torch_probe = _probe_torch()
+    if torch_probe is not None and torch_probe.vendor is not Vendor.NONE:
+        return torch_probe
+    for probe in (_probe_nvidia_smi, _probe_rocminfo):
+        found = probe()
+        if found is not None:
+            if torch_probe is not None:  # keep what torch knew about its build
+                return HardwareProbe(
+                    found.vendor,
+                    found.arch,
+                    found.count,
+                    False,
+                    torch_probe.torch_hip,
+                    torch_probe.cuda_version,
+                    found.source,
+                )
+            return found
+    return torch_probe if torch_probe is not None else HardwareProbe()
+
+
+def parse_device_mask(value: str | None) -> tuple[str, ...] | None:
+    """Parse a ``*_VISIBLE_DEVICES`` value into the device entries it keeps; ``None`` when unset.
+
+    Follows the CUDA runtime: entries are comma separated (indices, ``GPU-<uuid>``, ``MIG-<uuid>``); the
+    list ends at the first invalid entry (e.g. ``-1``); an empty value hides every device.
+    """
+    if value is None:
+        return None
+    kept: list[str] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            if kept:
+                break
+            continue
+        if entry.lstrip("-").isdigit():
+            if int(entry) < 0:
+                break
+        elif not re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]+", entry):
+            break
+        kept.append(entry)
+    return tuple(kept)
+
+
+def apply_device_masks(physical: int, vendor: Vendor, environ: Mapping[str, str]) -> tuple[int, tuple[str, ...]]:
+    """Visible device count after the masks, and notes on what the masks did.
+
+    NVIDIA honours ``CUDA_VISIBLE_DEVICES``. ROCm applies ``ROCR_VISIBLE_DEVICES`` first, then
+    ``HIP_VISIBLE_DEVICES`` (indices into what ROCR left), and HIP also honours ``CUDA_VISIBLE_DEVICES``
+    (sglang-rules.md section 5).
+    """
+    notes: list[str] = []
+    names = ("CUDA_VISIBLE_DEVICES",) if vendor is not Vendor.AMD else (
+        "ROCR_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "CUDA_VISIBLE_DEVICES",
+    )
+    count = physical
+    for name in names:
+        mask = parse_device_mask(environ.get(name))
+        if mask is None:
+            continue
+        indices = [int(e) for e in mask if e.isdigit()]
+        in_range = [i for i in indices if i < count]
+        uuids = [e for e in mask if not e.isdigit()]
+        new = min(count, len(in_range) + len(uuids)) if (indices or uuids) else 0
+        if len(in_range) < len(indices):
+            notes.append(
+                f"{name}={environ.get(name)!r} names devices beyond the {count} visible at that point; "
+                "they are ignored"
+            )
+        if new == 0:
+            notes.append(f"{name}={environ.get(name)!r} hides every GPU")
+        count = new
+    if vendor is Vendor.AMD and "ROCR_VISIBLE_DEVICES" in environ and "HIP_VISIBLE_DEVICES" in environ:
+        notes.append(
+            "both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are set: HIP indexes into the devices ROCR left, "
+            "which can hide every GPU; set only one"
+        )
+    return count, tuple(notes)
+
+
+def _sglang_version(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+    override = environ.get("MLAPROP_SGLANG_VERSION")
+    if override:
+        capabilities_for(override)  # validate
+        return override.strip(), ()
+    try:
+        return importlib.metadata.version("sglang"), ()
+    except importlib.metadata.PackageNotFoundError:
+        return NEWEST, (f"SGLang is not installed here; rules of SGLang {NEWEST} assumed",)
+
+
+def detect_environment(
+    environ: Mapping[str, str] | None = None,
+    probe: Callable[[], HardwareProbe] = probe_hardware,
+) -> Environment:
+    """Detect the environment from variables and hardware.
+
+    Args:
+        environ: environment variables; ``None`` reads ``os.environ``.
+        probe: hardware probe (injectable for tests); not called when both ``MLAPROP_VENDOR`` and
+            ``MLAPROP_ARCH`` are set.
+
+    Returns:
+        An :class:`Environment`; ``notes`` says which probe answered and what the masks did.
+
+    Raises:
+        InvalidEnvironment: ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` / ``MLAPROP_SGLANG_VERSION`` hold an
+            unknown value; the message lists valid ones.
+    """
+    env = os.environ if environ is None else environ
+    notes: list[str] = []
+    vendor_override = env.get("MLAPROP_VENDOR")
+    arch_override = env.get("MLAPROP_ARCH")
+    vendor: Vendor | None = None
+    if vendor_override:
+        parsed = parse_enum(Vendor, vendor_override, "GPU vendor in MLAPROP_VENDOR")
+        assert isinstance(parsed, Vendor)
+        vendor = parsed
+    arch = ""
+    if arch_override:
+        family, _ = parse_arch(arch_override)
+        arch = arch_override.strip().lower()
+        if vendor is None:
+            vendor = Vendor.NVIDIA if family == "sm" else Vendor.AMD
+    hw = HardwareProbe()
+    if vendor is None or not arch:
+        hw = probe()
+        notes.append(f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}")
+    if vendor is None:
+        vendor = hw.vendor
+    elif hw.vendor not in (Vendor.NONE, vendor):
+        notes.append(f"MLAPROP_VENDOR={vendor} overrides the probed {hw.vendor}")
+    if not arch and hw.vendor is vendor:
+        arch = hw.arch
+    if vendor_override or arch_override:
+        # A preview of another platform: one GPU unless the probe saw the same vendor.
+        physical = hw.count if hw.vendor is vendor and hw.count else (1 if vendor is not Vendor.NONE else 0)
+        masks_applied = hw.masks_applied and hw.vendor is vendor
+    else:
+        physical, masks_applied = hw.count, hw.masks_applied
+    count = physical
+    if vendor is not Vendor.NONE and not masks_applied:
+        count, mask_notes = apply_device_masks(physical, vendor, env)
+        notes += mask_notes
+    if vendor is Vendor.NONE:
+        count, arch = 0, ""
+    version, version_notes = _sglang_version(env)
+    notes += version_notes
+    return Environment(
+        vendor=vendor,
+        arch=arch,
+        gpu_count=count,
+        torch_hip=hw.torch_hip,
+        cuda_version=hw.cuda_version if hw.cuda_version else None,
+        ci=CIMarkers(env.get("SGLANG_IS_IN_CI"), env.get("SGLANG_IS_IN_CI_AMD")),
+        sglang_version=version,
+        notes=tuple(notes),
+    )

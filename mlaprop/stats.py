@@ -1,0 +1,178 @@
+"""Scores against a gate: binomial standard error, 95% Wilson interval, margin, and the verdict.
+
+Pure functions of counts; no I/O. The gate is compared exactly (as a fraction), so 200/250 against 0.8 passes
+without floating-point doubt.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = [
+    "DEFAULT_GATE",
+    "Z_95",
+    "Score",
+    "Verdict",
+    "binomial_stderr",
+    "gate_verdict",
+    "score",
+    "wilson_interval",
+]
+
+#: SGLang's ``test_mla_fp8.py`` asserts ``metrics["score"] >= 0.8`` on MGSM-en.
+DEFAULT_GATE = 0.8
+
+#: Two-sided 95% normal quantile (``scipy.stats.norm.ppf(0.975)``).
+Z_95 = 1.959963984540054
+
+
+class Verdict(str, enum.Enum):
+    """Outcome of an eval against its gate."""
+
+    PASS = "pass"  # the score meets the gate even if every failed request had been a wrong answer
+    FAIL = "fail"  # the score misses the gate even if every failed request had been a right answer
+    INCONCLUSIVE = "inconclusive"  # failed requests could flip the verdict either way
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def _check_counts(k: int, n: int) -> None:
+    if n <= 0:
+        raise ValueError(f"need at least one scored item, got n={n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"successes must be between 0 and n={n}, got {k}")
+
+
+def binomial_stderr(k: int, n: int) -> float:
+    """Standard error of a proportion ``k/n``: ``sqrt(p (1 - p) / n)``.
+
+    Raises:
+        ValueError: ``n <= 0`` or ``k`` outside ``[0, n]``.
+    """
+    _check_counts(k, n)
+    p = k / n
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (95% for the default ``z``).
+
+    Unlike the normal interval it stays inside [0, 1] and is not degenerate at 0/n or n/n
+    (Wilson 1927; as in ``statsmodels.stats.proportion.proportion_confint(method="wilson")``).
+
+    Raises:
+        ValueError: ``n <= 0`` or ``k`` outside ``[0, n]``.
+    """
+    _check_counts(k, n)
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _gate_fraction(gate: float) -> Fraction:
+    if not 0.0 <= gate <= 1.0:
+        raise ValueError(f"gate must be between 0 and 1, got {gate}")
+    return Fraction(str(gate))
+
+
+@dataclass(frozen=True)
+class Score:
+    """A proportion against a gate.
+
+    Attributes:
+        correct: right answers.
+        n: items scored (answered; failed requests are not in ``n``).
+        score: ``correct / n``.
+        stderr: binomial standard error of ``score``.
+        ci_low: lower end of the 95% Wilson interval.
+        ci_high: upper end of the 95% Wilson interval.
+        gate: the threshold ``score`` must reach.
+        margin: ``score - gate`` (negative when short).
+        questions_to_gate: ``correct`` minus the fewest right answers out of ``n`` that meet the gate
+            (negative: that many questions short; 0: exactly at the gate).
+    """
+
+    correct: int
+    n: int
+    score: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    gate: float
+    margin: float
+    questions_to_gate: int
+
+    @property
+    def meets_gate(self) -> bool:
+        """``correct / n >= gate``, compared exactly."""
+        return Fraction(self.correct, self.n) >= _gate_fraction(self.gate)
+
+    @property
+    def gate_in_interval(self) -> bool:
+        """The gate lies inside the 95% interval: the verdict is within sampling noise."""
+        return self.ci_low <= self.gate <= self.ci_high
+
+    def describe(self) -> str:
+        """One line, for example ``0.784 (196/250, ±0.026 s.e., 95% CI 0.729-0.831), 4 questions short of 0.8``."""
+        if self.questions_to_gate < 0:
+            where = f"{-self.questions_to_gate} question{'s' if self.questions_to_gate != -1 else ''} short of"
+        elif self.questions_to_gate == 0:
+            where = "exactly at"
+        else:
+            where = f"{self.questions_to_gate} question{'s' if self.questions_to_gate != 1 else ''} above"
+        noise = "; the gate is inside the interval (within noise)" if self.gate_in_interval else ""
+        return (
+            f"{self.score:.3f} ({self.correct}/{self.n}, ±{self.stderr:.3f} s.e., "
+            f"95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), {where} the {self.gate:g} gate{noise}"
+        )
+
+
+def score(correct: int, n: int, gate: float = DEFAULT_GATE) -> Score:
+    """Score ``correct`` out of ``n`` against ``gate``.
+
+    Raises:
+        ValueError: ``n <= 0``, ``correct`` outside ``[0, n]``, or ``gate`` outside ``[0, 1]``.
+    """
+    _check_counts(correct, n)
+    g = _gate_fraction(gate)
+    low, high = wilson_interval(correct, n)
+    needed = math.ceil(g * n)
+    return Score(
+        correct=correct,
+        n=n,
+        score=correct / n,
+        stderr=binomial_stderr(correct, n),
+        ci_low=low,
+        ci_high=high,
+        gate=gate,
+        margin=correct / n - gate,
+        questions_to_gate=correct - needed,
+    )
+
+
+def gate_verdict(correct: int, answered: int, total: int, gate: float = DEFAULT_GATE) -> Verdict:
+    """Verdict of ``correct`` right answers among ``answered`` of ``total`` items.
+
+    The ``total - answered`` items without an answer (failed requests, or never sent) are bounded both ways:
+    PASS when the gate is met even counting them all wrong, FAIL when it is missed even counting them all
+    right, INCONCLUSIVE otherwise. With every item answered this is simply ``correct / total >= gate``.
+
+    Raises:
+        ValueError: counts out of order (``0 <= correct <= answered <= total``, ``total >= 1``) or a gate
+            outside ``[0, 1]``.
+    """
+    if total <= 0 or not 0 <= correct <= answered <= total:
+        raise ValueError(f"need 0 <= correct <= answered <= total and total >= 1, got {correct}/{answered}/{total}")
+    g = _gate_fraction(gate)
+    if Fraction(correct, total) >= g:
+        return Verdict.PASS
+    if Fraction(correct + total - answered, total) < g:
+        return Verdict.FAIL
+    return Verdict.INCONCLUSIVE
