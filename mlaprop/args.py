@@ -90,6 +90,7 @@ VALUE_OPTIONS: frozenset[str] = frozenset(
 #: Aliases SGLang accepts for one option, mapped to the spelling mlaprop emits.
 _ALIASES: dict[str, str] = {
     "--tensor-parallel-size": "--tp-size",
+    "--tp": "--tp-size",
     "--data-parallel-size": "--dp-size",
     "--model": "--model-path",
 }

@@ -36,7 +36,17 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 def shell_command(plan: LaunchPlan, *, host: str = "127.0.0.1", port: int | str = 30000) -> str:
     """The plan as one shell-quoted ``python -m sglang.launch_server`` line, environment variables first.
     Secret values (``--api-key``) are shown as ``***``."""
-    argv = ["python", "-m", "sglang.launch_server", "--model-path", plan.model, "--host", host, "--port", str(port)]
+    argv = [
+        "python",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        plan.model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     argv += list(plan.argv)
     try:
         from mlaprop.redact import redact_argv
@@ -76,14 +86,19 @@ def _add_platform_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("platform (overrides detection; preview another machine)")
     g.add_argument("--vendor", choices=[v.value for v in Vendor], help="GPU vendor (MLAPROP_VENDOR)")
     g.add_argument("--arch", help="GPU architecture: sm80, sm90, sm100, gfx90a, gfx942 ... (MLAPROP_ARCH)")
-    g.add_argument("--sglang-version", help=f"SGLang version whose rules apply ({KNOWN_VERSIONS[0]}..{KNOWN_VERSIONS[-1]})")
+    g.add_argument(
+        "--sglang-version",
+        help=f"SGLang version whose rules apply ({KNOWN_VERSIONS[0]}..{KNOWN_VERSIONS[-1]})",
+    )
     g.add_argument("--ci-amd", metavar="VALUE", help="treat SGLANG_IS_IN_CI_AMD as set to VALUE")
     g.add_argument("--gpus", type=int, metavar="N", help="visible GPU count (default: detected)")
 
 
 def _add_request_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("request (defaults: SGLang's test_mla_fp8.py)")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="model path or Hugging Face id (default: %(default)s)")
+    g.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model path or Hugging Face id (default: %(default)s)"
+    )
     g.add_argument(
         "--attention-backend", choices=[b.value for b in AttentionBackend], help="force an attention backend"
     )
@@ -101,7 +116,8 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
         "--server-args",
         default="",
         metavar="ARGS",
-        help="extra SGLang server arguments as one shell-quoted string, e.g. '--mem-fraction-static 0.8'",
+        help="extra SGLang server arguments as one string, e.g. --server-args='--mem-fraction-static 0.8'; "
+        "or put them after --: mlaprop compose -- --mem-fraction-static 0.8",
     )
 
 
@@ -128,7 +144,7 @@ def _environment_from_args(args: argparse.Namespace, environ: Mapping[str, str] 
 
 def _request_from_args(args: argparse.Namespace) -> LaunchRequest:
     try:
-        extra = tuple(shlex.split(args.server_args))
+        extra = tuple(shlex.split(args.server_args)) + tuple(getattr(args, "server_argv", ()))
     except ValueError as exc:
         raise InvalidEnvironment(f"--server-args is not valid shell quoting: {exc}") from None
     return LaunchRequest(
@@ -191,10 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_env.add_argument("--json", action="store_true", help="print JSON")
     p_env.set_defaults(func=_cmd_env)
 
-    p_compose = sub.add_parser("compose", help="print the SGLang launch command composed for this environment")
+    p_compose = sub.add_parser(
+        "compose", help="print the SGLang launch command composed for this environment"
+    )
     _add_platform_options(p_compose)
     _add_request_options(p_compose)
-    p_compose.add_argument("--explain", action="store_true", help="one line per decision with reason and source")
+    p_compose.add_argument(
+        "--explain", action="store_true", help="one line per decision with reason and source"
+    )
     p_compose.add_argument("--json", action="store_true", help="print the plan as JSON")
     p_compose.set_defaults(func=_cmd_compose)
 
@@ -216,7 +236,13 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run ``mlaprop``; returns the exit code (0 ok, 1 failed gate, 2 usage/environment error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    server_argv: list[str] = []
+    if "--" in tokens:  # everything after -- goes to the SGLang server
+        cut = tokens.index("--")
+        tokens, server_argv = tokens[:cut], tokens[cut + 1 :]
+    args = parser.parse_args(tokens)
+    args.server_argv = server_argv
     try:
         code: int = args.func(args, environ)
     except (UnsupportedCombination, InvalidEnvironment) as exc:

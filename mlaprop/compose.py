@@ -122,7 +122,9 @@ def resolve_backend(
     allow = capabilities.deterministic_allowlist()
     if explicit is not None:
         backend = explicit
-        steps.append(Decision(Action.PREDICTED, "--attention-backend", f"explicit {backend}", SOURCES["hardware"]))
+        steps.append(
+            Decision(Action.PREDICTED, "--attention-backend", f"explicit {backend}", SOURCES["hardware"])
+        )
     elif deterministic and capabilities.deterministic_resolves_first:
         if is_blackwell(arch) and not rocm:
             backend = _B.TRITON if deepseek_family else _B.FLASHINFER
@@ -286,7 +288,10 @@ def compose(
         assert isinstance(user_kv, KVCacheDtype)
         decisions.append(
             Decision(
-                Action.REPLACED, "--kv-cache-dtype", f"the user's {user_kv} replaces {kv}", "user extra arguments"
+                Action.REPLACED,
+                "--kv-cache-dtype",
+                f"the user's {user_kv} replaces {kv}",
+                "user extra arguments",
             )
         )
         kv = user_kv
@@ -296,7 +301,9 @@ def compose(
         if not raw_tp.isdigit() or int(raw_tp) < 1:
             raise InvalidEnvironment(f"--tp-size must be a whole number >= 1, got {raw_tp!r}")
         decisions.append(
-            Decision(Action.REPLACED, "--tp-size", f"the user's tp {raw_tp} replaces {tp}", "user extra arguments")
+            Decision(
+                Action.REPLACED, "--tp-size", f"the user's tp {raw_tp} replaces {tp}", "user extra arguments"
+            )
         )
         tp = int(raw_tp)
     user_forces_deterministic = DETERMINISTIC_FLAG in user
@@ -413,9 +420,7 @@ def compose(
             Decision(Action.ADDED, "--trust-remote-code", "the test model ships custom code", SOURCES["test"])
         )
     argv += ["--kv-cache-dtype", kv.value]
-    decisions.append(
-        Decision(Action.ADDED, "--kv-cache-dtype", f"KV cache stored as {kv}", SOURCES["test"])
-    )
+    decisions.append(Decision(Action.ADDED, "--kv-cache-dtype", f"KV cache stored as {kv}", SOURCES["test"]))
     if rocm and kv in (KVCacheDtype.FP8_E5M2, KVCacheDtype.FP8_E4M3):
         fnuz = environment.arch.lower().startswith("gfx94")
         decisions.append(
@@ -499,4 +504,3 @@ def compose(
         model=request.model,
         sglang_version=environment.sglang_version,
     )
-

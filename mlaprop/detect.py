@@ -159,7 +159,9 @@ def parse_device_mask(value: str | None) -> tuple[str, ...] | None:
     return tuple(kept)
 
 
-def apply_device_masks(physical: int, vendor: Vendor, environ: Mapping[str, str]) -> tuple[int, tuple[str, ...]]:
+def apply_device_masks(
+    physical: int, vendor: Vendor, environ: Mapping[str, str]
+) -> tuple[int, tuple[str, ...]]:
     """Visible device count after the masks, and notes on what the masks did.
 
     NVIDIA honours ``CUDA_VISIBLE_DEVICES``. ROCm applies ``ROCR_VISIBLE_DEVICES`` first, then
@@ -167,10 +169,14 @@ def apply_device_masks(physical: int, vendor: Vendor, environ: Mapping[str, str]
     (sglang-rules.md section 5).
     """
     notes: list[str] = []
-    names = ("CUDA_VISIBLE_DEVICES",) if vendor is not Vendor.AMD else (
-        "ROCR_VISIBLE_DEVICES",
-        "HIP_VISIBLE_DEVICES",
-        "CUDA_VISIBLE_DEVICES",
+    names = (
+        ("CUDA_VISIBLE_DEVICES",)
+        if vendor is not Vendor.AMD
+        else (
+            "ROCR_VISIBLE_DEVICES",
+            "HIP_VISIBLE_DEVICES",
+            "CUDA_VISIBLE_DEVICES",
+        )
     )
     count = physical
     for name in names:

@@ -1,0 +1,230 @@
+"""Regression cases for ``compose``: the environments that broke or nearly broke SGLang's MLA FP8 CI."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, compose, resolve_backend
+from mlaprop.capabilities import capabilities_for
+from mlaprop.detect import HardwareProbe, detect_environment
+from mlaprop.environment import (
+    Action,
+    AttentionBackend,
+    CIMarkers,
+    Environment,
+    KVCacheDtype,
+    LaunchRequest,
+    Vendor,
+)
+
+B = AttentionBackend
+
+
+def _probe(vendor: Vendor, arch: str, count: int = 8, hip: bool = False, cuda: str | None = "12.8"):  # type: ignore[no-untyped-def]
+    return lambda: HardwareProbe(vendor, arch, count, True, hip, cuda, "test")
+
+
+def _decided(plan, action: Action, subject: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [d.reason for d in plan.decisions if d.action is action and d.subject == subject]
+
+
+# (id, environ, probe, request, flag expected, predicted backend, explicit --attention-backend or None)
+CASES = [
+    (
+        "rocm-gfx942-no-backend",
+        {"MLAPROP_SGLANG_VERSION": "0.5.11"},
+        _probe(Vendor.AMD, "gfx942", hip=True, cuda=None),
+        LaunchRequest(),
+        False,
+        B.AITER,
+        None,
+    ),
+    (
+        "h200-sm90-ci",
+        {"SGLANG_IS_IN_CI": "true", "MLAPROP_SGLANG_VERSION": "0.5.11"},
+        _probe(Vendor.NVIDIA, "sm90"),
+        LaunchRequest(),
+        True,
+        B.TRITON,
+        None,
+    ),
+    (
+        "cuda-box-with-amd-ci-marker",
+        {"SGLANG_IS_IN_CI_AMD": "1"},
+        _probe(Vendor.NVIDIA, "sm90"),
+        LaunchRequest(),
+        False,
+        B.TRITON,
+        None,
+    ),
+    (
+        "rocm-with-marker-unset",
+        {},
+        _probe(Vendor.AMD, "gfx942", hip=True, cuda=None),
+        LaunchRequest(),
+        False,
+        B.AITER,
+        None,
+    ),
+    (
+        "amd-ci-marker-yes",
+        {"SGLANG_IS_IN_CI_AMD": "yes"},
+        _probe(Vendor.NVIDIA, "sm90"),
+        LaunchRequest(),
+        False,
+        B.TRITON,
+        None,
+    ),
+    (
+        "b200-sm100-deepseek",
+        {"MLAPROP_SGLANG_VERSION": "0.5.23"},
+        _probe(Vendor.NVIDIA, "sm100", cuda="12.9"),
+        LaunchRequest(),
+        True,
+        B.TRITON,
+        None,
+    ),
+    (
+        "a100-sm80-deterministic-e4m3",
+        {"MLAPROP_SGLANG_VERSION": "0.5.23"},
+        _probe(Vendor.NVIDIA, "sm80"),
+        LaunchRequest(kv_cache_dtype=KVCacheDtype.FP8_E4M3),
+        True,
+        B.TRITON,
+        B.TRITON,
+    ),
+    (
+        "a100-sm80-deterministic-e5m2",
+        {"MLAPROP_SGLANG_VERSION": "0.5.23"},
+        _probe(Vendor.NVIDIA, "sm80"),
+        LaunchRequest(),
+        True,
+        B.TRITON,
+        None,
+    ),
+    (
+        "rocm-tp2",
+        {"MLAPROP_SGLANG_VERSION": "0.5.11"},
+        _probe(Vendor.AMD, "gfx942", hip=True, cuda=None),
+        LaunchRequest(tp_size=2),
+        False,
+        B.TRITON,
+        None,
+    ),
+    (
+        "rocm-hip-and-rocr-masks",
+        {"HIP_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1,2"},
+        lambda: HardwareProbe(Vendor.AMD, "gfx942", 8, False, True, None, "rocminfo"),
+        LaunchRequest(),
+        False,
+        B.AITER,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("environ", "probe", "request_", "flag", "predicted", "explicit"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_regression(environ, probe, request_, flag, predicted, explicit):  # type: ignore[no-untyped-def]
+    """Each named environment gets the flag exactly where it should, the predicted backend, and sets
+    ``--attention-backend`` only where SGLang's own choice would be wrong."""
+    env = detect_environment(environ, probe=probe)
+    plan = compose(env, request_)
+    assert (DETERMINISTIC_FLAG in plan.argv) is flag
+    assert plan.attention_backend is predicted
+    assert plan.option("--attention-backend") == (explicit.value if explicit else None)
+    if not flag:
+        assert _decided(plan, Action.DROPPED, DETERMINISTIC_FLAG)
+
+
+def test_cuda_box_with_amd_marker_records_the_conflict():
+    """``SGLANG_IS_IN_CI_AMD=1`` on NVIDIA hardware: the AMD signal wins and a decision names the conflict."""
+    env = detect_environment({"SGLANG_IS_IN_CI_AMD": "1"}, probe=_probe(Vendor.NVIDIA, "sm90"))
+    plan = compose(env)
+    (conflict,) = _decided(plan, Action.NOTED, "vendor")
+    assert "AMD signal on NVIDIA hardware" in conflict and "SGLANG_IS_IN_CI_AMD='1'" in conflict
+
+
+def test_marker_yes_records_that_sglang_parsers_disagree():
+    """``yes`` is false to ``is_in_amd_ci`` and true to ``EnvBool``: the plan says so."""
+    plan = compose(Environment(ci=CIMarkers(None, "yes")))
+    (note,) = _decided(plan, Action.NOTED, "SGLANG_IS_IN_CI_AMD")
+    assert "False to SGLang's is_in_amd_ci" in note and "True to EnvBool" in note
+
+
+def test_rocm_tp2_on_old_sglang_turns_off_fused_decode_mla():
+    """ROCm, tp=2 resolves to triton; SGLang 0.5.11 applies fused decode MLA to every backend, so the plan
+    sets ``SGLANG_ROCM_FUSED_DECODE_MLA=0``; 0.5.23 does not need it."""
+    old = compose(Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.11", gpu_count=2),
+                  LaunchRequest(tp_size=2))
+    new = compose(Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.23", gpu_count=2),
+                  LaunchRequest(tp_size=2))
+    assert dict(old.env) == {"SGLANG_ROCM_FUSED_DECODE_MLA": "0"}
+    assert dict(new.env) == {}
+    assert old.option("--tp-size") == "2"
+
+
+def test_both_rocm_masks_set_is_reported():
+    """Both ``HIP_VISIBLE_DEVICES`` and ``ROCR_VISIBLE_DEVICES``: HIP indexes into ROCR's list; a note says
+    so, and the visible count follows both masks."""
+    env = detect_environment(
+        {"HIP_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1,2"},
+        probe=lambda: HardwareProbe(Vendor.AMD, "gfx942", 8, False, True, None, "rocminfo"),
+    )
+    assert env.gpu_count == 1
+    assert any("both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES" in n for n in env.notes)
+    hidden = detect_environment(
+        {"HIP_VISIBLE_DEVICES": "2", "ROCR_VISIBLE_DEVICES": "1,2"},
+        probe=lambda: HardwareProbe(Vendor.AMD, "gfx942", 8, False, True, None, "rocminfo"),
+    )
+    assert hidden.gpu_count == 0
+    with pytest.raises(UnsupportedCombination, match="hide every device"):
+        compose(hidden)
+
+
+def test_old_composition_on_rocm_0_5_11_is_sglangs_value_error():
+    """The seed failure, modelled: deterministic forced onto ROCm with SGLang 0.5.11 resolves to aiter first
+    and fails the allow-list with SGLang's own message."""
+    with pytest.raises(UnsupportedCombination) as err:
+        resolve_backend(
+            rocm=True,
+            arch="gfx942",
+            cuda_version=None,
+            capabilities=capabilities_for("0.5.11"),
+            deterministic=True,
+            explicit=None,
+            kv_cache_dtype=KVCacheDtype.FP8_E5M2,
+            tp_size=1,
+            kv_heads=16,
+            deepseek_family=True,
+        )
+    assert "Currently only ['fa3', 'flashinfer', 'triton'] attention backends are supported for deterministic" in str(
+        err.value
+    )
+    assert "you explicitly specified 'aiter'" in str(err.value)
+
+
+def test_pre_hopper_fallback_to_fa3_is_overridden_with_triton_and_explained():
+    """On sm80 with SGLang >= 0.5.12 the deterministic pass would pick fa3 (needs sm90); mlaprop sets
+    triton explicitly and explains why."""
+    plan = compose(Environment(arch="sm80", sglang_version="0.5.12"), LaunchRequest(kv_cache_dtype=KVCacheDtype.AUTO))
+    assert plan.option("--attention-backend") == "triton"
+    (why,) = _decided(plan, Action.ADDED, "--attention-backend")
+    assert "fa3" in why and "no kernels for sm80" in why
+
+
+def test_launcher_owned_options_are_refused():
+    """``--port`` / ``--model-path`` / ``--host`` in the extra arguments are refused: the launcher owns them."""
+    for extra in (("--port", "1234"), ("--model-path", "x"), ("--host=0.0.0.0",), ("--model", "y")):
+        with pytest.raises(ValueError, match="set by mlaprop's launcher"):
+            compose(Environment(), LaunchRequest(extra_args=extra))
+
+
+def test_newer_sglang_than_known_uses_newest_rules_and_says_so():
+    """A version newer than the newest known composes with the newest rules and a decision saying so."""
+    plan = compose(Environment(sglang_version="0.6.1"))
+    assert plan.deterministic
+    assert any("newer than the newest version mlaprop knows" in d.reason for d in plan.decisions)

@@ -1,0 +1,173 @@
+"""Tests for `mlaprop.detect`, `mlaprop.ci` and `mlaprop.args`: detection from environment dicts with an
+injected hardware probe (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlaprop.args import parse_args
+from mlaprop.ci import envbool, is_in_amd_ci_test_utils, read_amd_marker
+from mlaprop.compose import UnsupportedCombination, compose
+from mlaprop.detect import HardwareProbe, apply_device_masks, detect_environment, parse_device_mask
+from mlaprop.environment import CIMarkers, Environment, InvalidEnvironment, Vendor
+from tests import strategies as S
+
+NV8 = HardwareProbe(Vendor.NVIDIA, "sm90", 8, False, False, None, "nvidia-smi")
+NONE = HardwareProbe()
+
+
+class TestCIMarkerParsers:
+    """Tests for SGLang's two readings of ``SGLANG_IS_IN_CI_AMD``."""
+
+    @pytest.mark.parametrize(
+        ("raw", "test_utils", "env_bool"),
+        [
+            (None, False, False),
+            ("1", True, True),
+            ("true", True, True),
+            ("TRUE", True, True),
+            ("yes", False, True),
+            ("y", False, True),
+            ("0", False, False),
+            ("false", False, False),
+            ("", False, False),
+            ("on", False, False),
+            (" 1", False, True),
+        ],
+    )
+    def test_both_parsers_match_sglang(self, raw, test_utils, env_bool):  # type: ignore[no-untyped-def]
+        """``is_in_amd_ci`` accepts only true/1; ``EnvBool`` accepts true/1/yes/y (stripped)."""
+        assert is_in_amd_ci_test_utils(raw) is test_utils
+        assert envbool(raw) is env_bool
+        reading = read_amd_marker(CIMarkers(None, raw))
+        assert reading.is_amd_signal is (test_utils or env_bool)
+        assert reading.parsers_disagree is (test_utils != env_bool)
+
+
+class TestDeviceMasks:
+    """Tests for ``*_VISIBLE_DEVICES`` handling."""
+
+    @pytest.mark.parametrize(
+        ("value", "kept"),
+        [
+            (None, None),
+            ("", ()),
+            ("0", ("0",)),
+            ("10,11", ("10", "11")),
+            ("0,-1,1", ("0",)),
+            ("-1", ()),
+            ("GPU-6f1a2b3c-aaaa,1", ("GPU-6f1a2b3c-aaaa", "1")),
+            ("a,b", ()),
+        ],
+    )
+    def test_parse_device_mask_follows_the_cuda_runtime(self, value, kept):  # type: ignore[no-untyped-def]
+        """Entries up to the first invalid one are kept; an empty value hides every device."""
+        assert parse_device_mask(value) == kept
+
+    @pytest.mark.parametrize(
+        ("environ", "count"),
+        [({}, 8), ({"CUDA_VISIBLE_DEVICES": ""}, 0), ({"CUDA_VISIBLE_DEVICES": "10,11"}, 0),
+         ({"CUDA_VISIBLE_DEVICES": "0,3"}, 2), ({"CUDA_VISIBLE_DEVICES": "GPU-abc"}, 1)],
+    )
+    def test_nvidia_mask_counts(self, environ, count):  # type: ignore[no-untyped-def]
+        """Visible NVIDIA GPUs follow ``CUDA_VISIBLE_DEVICES`` (indices past the last device are ignored)."""
+        assert detect_environment(environ, probe=lambda: NV8).gpu_count == count
+
+    def test_hip_honours_cuda_visible_devices(self):
+        """On ROCm, ``CUDA_VISIBLE_DEVICES`` also masks devices."""
+        count, _ = apply_device_masks(8, Vendor.AMD, {"CUDA_VISIBLE_DEVICES": "0,1,2"})
+        assert count == 3
+
+    @given(mask=S.hostile_masks, name=st.sampled_from(["CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"]))
+    def test_odd_masks_never_raise_and_never_exceed_the_hardware(self, mask, name):  # type: ignore[no-untyped-def]
+        """Any mask string gives a count between 0 and the physical count; a zero count makes compose refuse
+        with a message naming the mask variables."""
+        for probe in (NV8, HardwareProbe(Vendor.AMD, "gfx942", 8, False, True, None, "rocminfo")):
+            env = detect_environment({name: mask}, probe=lambda p=probe: p)
+            assert 0 <= env.gpu_count <= 8
+            if env.gpu_count == 0:
+                with pytest.raises(UnsupportedCombination, match="VISIBLE_DEVICES"):
+                    compose(env)
+
+
+class TestOverrides:
+    """Tests for ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` / ``MLAPROP_SGLANG_VERSION``."""
+
+    def test_arch_override_implies_vendor_and_skips_probe(self):
+        """``MLAPROP_ARCH=gfx942`` alone means AMD; with vendor and arch both set no probe runs."""
+        def boom() -> HardwareProbe:
+            raise AssertionError("probe must not run")
+
+        env = detect_environment({"MLAPROP_ARCH": "gfx942", "MLAPROP_VENDOR": "amd"}, probe=boom)
+        assert (env.vendor, env.arch, env.gpu_count) == (Vendor.AMD, "gfx942", 1)
+        env2 = detect_environment({"MLAPROP_ARCH": "sm100"}, probe=lambda: NONE)
+        assert env2.vendor is Vendor.NVIDIA and env2.arch == "sm100"
+
+    @pytest.mark.parametrize(
+        ("environ", "match"),
+        [
+            ({"MLAPROP_VENDOR": "intel"}, "expected one of nvidia, amd, none"),
+            ({"MLAPROP_ARCH": "hopper"}, "sm90"),
+            ({"MLAPROP_SGLANG_VERSION": "latest"}, "not a version number"),
+            ({"MLAPROP_SGLANG_VERSION": "0.4.0"}, "older than the oldest"),
+        ],
+    )
+    def test_bad_overrides_list_valid_values(self, environ, match):  # type: ignore[no-untyped-def]
+        """A bad override raises ``InvalidEnvironment`` with the valid values."""
+        with pytest.raises(InvalidEnvironment, match=match):
+            detect_environment(environ, probe=lambda: NONE)
+
+    def test_no_gpu_detects_vendor_none(self):
+        """No probe answer: vendor ``none``, zero GPUs, and compose refuses saying how to preview."""
+        env = detect_environment({}, probe=lambda: NONE)
+        assert env.vendor is Vendor.NONE and env.gpu_count == 0
+        with pytest.raises(UnsupportedCombination, match="--vendor amd --arch gfx942"):
+            compose(env)
+
+    @given(
+        environ=st.dictionaries(
+            st.sampled_from(
+                ["SGLANG_IS_IN_CI", "SGLANG_IS_IN_CI_AMD", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                 "ROCR_VISIBLE_DEVICES", "MLAPROP_VENDOR", "MLAPROP_ARCH", "MLAPROP_SGLANG_VERSION"]
+            ),
+            st.text(max_size=10),
+        )
+    )
+    def test_hostile_environments_detect_or_fail_with_a_listed_fix(self, environ):  # type: ignore[no-untyped-def]
+        """Arbitrary variable values either detect an environment (and compose gives a full plan or a
+        ``ValueError``), or raise ``InvalidEnvironment`` whose message gives an expected form."""
+        try:
+            env = detect_environment(environ, probe=lambda: NV8)
+        except InvalidEnvironment as exc:
+            assert "expected" in str(exc) or "known" in str(exc)
+            return
+        assert isinstance(env, Environment)
+        try:
+            plan = compose(env)
+        except ValueError as exc:
+            assert str(exc)
+            return
+        assert plan.option("--kv-cache-dtype") == "fp8_e5m2"
+
+
+class TestParseArgs:
+    """Tests for SGLang argument parsing."""
+
+    def test_forms(self):
+        """``--x v``, ``--x=v``, switches, negative numbers as values, and aliases are read right."""
+        opts = parse_args(["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"])
+        assert [(o.name, o.value) for o in opts] == [
+            ("--tp-size", "2"), ("--random-seed", "-1"), ("--disable-cuda-graph", None), ("--tp-size", "4")
+        ]
+
+    @pytest.mark.parametrize(
+        ("tokens", "match"),
+        [(["triton"], "is not an option"), (["--attention-backend"], "needs a value"),
+         (["--trust-remote-code=1"], "takes no value"), (["--kv-cache-dtype="], "needs a value")],
+    )
+    def test_errors_say_how_to_write_it(self, tokens, match):  # type: ignore[no-untyped-def]
+        """Malformed extra arguments raise ``InvalidEnvironment`` saying how to write them."""
+        with pytest.raises(InvalidEnvironment, match=match):
+            parse_args(tokens)
