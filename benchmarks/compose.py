@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlaprop.compose import compose  # noqa: E402
-from mlaprop.environment import CIMarkers, Environment, LaunchRequest, Vendor  # noqa: E402
-from tests.property.test_compose_properties import sweep  # noqa: E402
+from mlaprop.compose import compose
+from mlaprop.environment import CIMarkers, Environment, LaunchRequest, Vendor
+from tests.property.test_compose_properties import sweep
 
 ENVS = (
     Environment(),

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``run`` and ``eval`` (the main job): see :mod:`mlaprop.runner`."""
     try:
-        from mlaprop import runner
+        from mlaprop import runner  # type: ignore[attr-defined,unused-ignore]
     except ImportError:  # pragma: no cover - while runner.py is being written
         return
     add = getattr(runner, "add_cli_commands", None)

@@ -144,7 +144,7 @@ def resolve_backend(
             backend = _B.AITER if per_rank in (16, 128) else _B.TRITON
             why = f"ROCm default for MLA with {per_rank} KV heads per rank (aiter for 16 or 128, else triton)"
         else:
-            family, n = parse_arch(arch)
+            _, n = parse_arch(arch)
             cuda_ok = cuda_version is None or Version(cuda_version) >= Version("12.3")
             if n == 90 and cuda_ok:
                 backend, why = _B.FA3, "Hopper (sm90) with CUDA >= 12.3 defaults to fa3"

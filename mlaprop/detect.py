@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mlaprop.capabilities import NEWEST, capabilities_for, parse_arch
-from mlaprop.environment import CIMarkers, Environment, InvalidEnvironment, Vendor, parse_enum
+from mlaprop.environment import CIMarkers, Environment, Vendor, parse_enum
 
 __all__ = [
     "HardwareProbe",

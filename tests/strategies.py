@@ -121,6 +121,8 @@ def default_requests() -> st.SearchStrategy[LaunchRequest]:
 
 #: Values for CUDA_VISIBLE_DEVICES-like masks: empty, UUIDs, multi-digit, negative, junk.
 hostile_masks = st.one_of(
-    st.sampled_from(("", "0", "1", "0,1", "10,11", "-1", "0,-1,1", "GPU-6f1a2b3c-aaaa", "MIG-1/2/3", " ,0", "a,b")),
+    st.sampled_from(
+        ("", "0", "1", "0,1", "10,11", "-1", "0,-1,1", "GPU-6f1a2b3c-aaaa", "MIG-1/2/3", " ,0", "a,b")
+    ),
     st.text(alphabet="0123456789,-GPU ab", max_size=12),
 )

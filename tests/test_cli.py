@@ -45,8 +45,17 @@ class TestCompose:
 
     def test_json_plan(self, capsys):  # type: ignore[no-untyped-def]
         """``--json`` prints the plan with argv, env, predicted backend and decisions."""
-        code, out, _ = _run(capsys, "compose", "--arch", "sm90", "--tp", "2", "--json",
-                            "--server-args", "--attention-backend flashinfer --api-key sk-123")
+        code, out, _ = _run(
+            capsys,
+            "compose",
+            "--arch",
+            "sm90",
+            "--tp",
+            "2",
+            "--json",
+            "--server-args",
+            "--attention-backend flashinfer --api-key sk-123",
+        )
         data = json.loads(out)
         assert code == 0
         assert data["attention_backend"] == "flashinfer"
@@ -59,10 +68,21 @@ class TestCompose:
         [
             (("compose",), "needs a GPU"),
             (("compose", "--arch", "sm90", "--attention-backend", "aiter"), "allow-list"),
-            (("compose", "--vendor", "amd", "--arch", "gfx942", "--server-args=--enable-deterministic-inference"),
-             "Remove the flag"),
-            (("compose", "--vendor", "amd", "--arch", "gfx942", "--", "--enable-deterministic-inference"),
-             "Remove the flag"),
+            (
+                (
+                    "compose",
+                    "--vendor",
+                    "amd",
+                    "--arch",
+                    "gfx942",
+                    "--server-args=--enable-deterministic-inference",
+                ),
+                "Remove the flag",
+            ),
+            (
+                ("compose", "--vendor", "amd", "--arch", "gfx942", "--", "--enable-deterministic-inference"),
+                "Remove the flag",
+            ),
             (("compose", "--arch", "sm90", "--server-args", "--port 1"), "launcher"),
             (("compose", "--arch", "sm90", "--server-args", "'unbalanced"), "shell quoting"),
             (("compose", "--arch", "sm90", "--tp", "0"), ">= 1"),
@@ -87,8 +107,16 @@ class TestEnv:
 
     def test_env_json_reads_ci_markers_raw(self, capsys):  # type: ignore[no-untyped-def]
         """``env --json`` shows the raw marker values and the overrides."""
-        code, out, _ = _run(capsys, "env", "--json", "--vendor", "amd", "--arch", "gfx942",
-                            environ={"SGLANG_IS_IN_CI_AMD": "yes"})
+        code, out, _ = _run(
+            capsys,
+            "env",
+            "--json",
+            "--vendor",
+            "amd",
+            "--arch",
+            "gfx942",
+            environ={"SGLANG_IS_IN_CI_AMD": "yes"},
+        )
         data = json.loads(out)
         assert code == 0
         assert (data["vendor"], data["arch"], data["ci"]["sglang_is_in_ci_amd"]) == ("amd", "gfx942", "yes")
@@ -99,7 +127,11 @@ def test_console_script_runs_as_a_process():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLAPROP_", "SGLANG_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "mlaprop.cli", "compose", "--vendor", "nvidia", "--arch", "sm90"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("--enable-deterministic-inference")

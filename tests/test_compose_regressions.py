@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, compose, resolve_backend
 from mlaprop.capabilities import capabilities_for
+from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, compose, resolve_backend
 from mlaprop.detect import HardwareProbe, detect_environment
 from mlaprop.environment import (
     Action,
@@ -158,10 +158,14 @@ def test_marker_yes_records_that_sglang_parsers_disagree():
 def test_rocm_tp2_on_old_sglang_turns_off_fused_decode_mla():
     """ROCm, tp=2 resolves to triton; SGLang 0.5.11 applies fused decode MLA to every backend, so the plan
     sets ``SGLANG_ROCM_FUSED_DECODE_MLA=0``; 0.5.23 does not need it."""
-    old = compose(Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.11", gpu_count=2),
-                  LaunchRequest(tp_size=2))
-    new = compose(Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.23", gpu_count=2),
-                  LaunchRequest(tp_size=2))
+    old = compose(
+        Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.11", gpu_count=2),
+        LaunchRequest(tp_size=2),
+    )
+    new = compose(
+        Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.23", gpu_count=2),
+        LaunchRequest(tp_size=2),
+    )
     assert dict(old.env) == {"SGLANG_ROCM_FUSED_DECODE_MLA": "0"}
     assert dict(new.env) == {}
     assert old.option("--tp-size") == "2"
@@ -201,8 +205,9 @@ def test_old_composition_on_rocm_0_5_11_is_sglangs_value_error():
             kv_heads=16,
             deepseek_family=True,
         )
-    assert "Currently only ['fa3', 'flashinfer', 'triton'] attention backends are supported for deterministic" in str(
-        err.value
+    assert (
+        "Currently only ['fa3', 'flashinfer', 'triton'] attention backends are supported for deterministic"
+        in str(err.value)
     )
     assert "you explicitly specified 'aiter'" in str(err.value)
 
@@ -210,7 +215,9 @@ def test_old_composition_on_rocm_0_5_11_is_sglangs_value_error():
 def test_pre_hopper_fallback_to_fa3_is_overridden_with_triton_and_explained():
     """On sm80 with SGLang >= 0.5.12 the deterministic pass would pick fa3 (needs sm90); mlaprop sets
     triton explicitly and explains why."""
-    plan = compose(Environment(arch="sm80", sglang_version="0.5.12"), LaunchRequest(kv_cache_dtype=KVCacheDtype.AUTO))
+    plan = compose(
+        Environment(arch="sm80", sglang_version="0.5.12"), LaunchRequest(kv_cache_dtype=KVCacheDtype.AUTO)
+    )
     assert plan.option("--attention-backend") == "triton"
     (why,) = _decided(plan, Action.ADDED, "--attention-backend")
     assert "fa3" in why and "no kernels for sm80" in why

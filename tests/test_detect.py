@@ -68,8 +68,13 @@ class TestDeviceMasks:
 
     @pytest.mark.parametrize(
         ("environ", "count"),
-        [({}, 8), ({"CUDA_VISIBLE_DEVICES": ""}, 0), ({"CUDA_VISIBLE_DEVICES": "10,11"}, 0),
-         ({"CUDA_VISIBLE_DEVICES": "0,3"}, 2), ({"CUDA_VISIBLE_DEVICES": "GPU-abc"}, 1)],
+        [
+            ({}, 8),
+            ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+            ({"CUDA_VISIBLE_DEVICES": "10,11"}, 0),
+            ({"CUDA_VISIBLE_DEVICES": "0,3"}, 2),
+            ({"CUDA_VISIBLE_DEVICES": "GPU-abc"}, 1),
+        ],
     )
     def test_nvidia_mask_counts(self, environ, count):  # type: ignore[no-untyped-def]
         """Visible NVIDIA GPUs follow ``CUDA_VISIBLE_DEVICES`` (indices past the last device are ignored)."""
@@ -80,7 +85,10 @@ class TestDeviceMasks:
         count, _ = apply_device_masks(8, Vendor.AMD, {"CUDA_VISIBLE_DEVICES": "0,1,2"})
         assert count == 3
 
-    @given(mask=S.hostile_masks, name=st.sampled_from(["CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"]))
+    @given(
+        mask=S.hostile_masks,
+        name=st.sampled_from(["CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"]),
+    )
     def test_odd_masks_never_raise_and_never_exceed_the_hardware(self, mask, name):  # type: ignore[no-untyped-def]
         """Any mask string gives a count between 0 and the physical count; a zero count makes compose refuse
         with a message naming the mask variables."""
@@ -97,6 +105,7 @@ class TestOverrides:
 
     def test_arch_override_implies_vendor_and_skips_probe(self):
         """``MLAPROP_ARCH=gfx942`` alone means AMD; with vendor and arch both set no probe runs."""
+
         def boom() -> HardwareProbe:
             raise AssertionError("probe must not run")
 
@@ -129,8 +138,16 @@ class TestOverrides:
     @given(
         environ=st.dictionaries(
             st.sampled_from(
-                ["SGLANG_IS_IN_CI", "SGLANG_IS_IN_CI_AMD", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-                 "ROCR_VISIBLE_DEVICES", "MLAPROP_VENDOR", "MLAPROP_ARCH", "MLAPROP_SGLANG_VERSION"]
+                [
+                    "SGLANG_IS_IN_CI",
+                    "SGLANG_IS_IN_CI_AMD",
+                    "CUDA_VISIBLE_DEVICES",
+                    "HIP_VISIBLE_DEVICES",
+                    "ROCR_VISIBLE_DEVICES",
+                    "MLAPROP_VENDOR",
+                    "MLAPROP_ARCH",
+                    "MLAPROP_SGLANG_VERSION",
+                ]
             ),
             st.text(max_size=10),
         )
@@ -157,15 +174,24 @@ class TestParseArgs:
 
     def test_forms(self):
         """``--x v``, ``--x=v``, switches, negative numbers as values, and aliases are read right."""
-        opts = parse_args(["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"])
+        opts = parse_args(
+            ["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"]
+        )
         assert [(o.name, o.value) for o in opts] == [
-            ("--tp-size", "2"), ("--random-seed", "-1"), ("--disable-cuda-graph", None), ("--tp-size", "4")
+            ("--tp-size", "2"),
+            ("--random-seed", "-1"),
+            ("--disable-cuda-graph", None),
+            ("--tp-size", "4"),
         ]
 
     @pytest.mark.parametrize(
         ("tokens", "match"),
-        [(["triton"], "is not an option"), (["--attention-backend"], "needs a value"),
-         (["--trust-remote-code=1"], "takes no value"), (["--kv-cache-dtype="], "needs a value")],
+        [
+            (["triton"], "is not an option"),
+            (["--attention-backend"], "needs a value"),
+            (["--trust-remote-code=1"], "takes no value"),
+            (["--kv-cache-dtype="], "needs a value"),
+        ],
     )
     def test_errors_say_how_to_write_it(self, tokens, match):  # type: ignore[no-untyped-def]
         """Malformed extra arguments raise ``InvalidEnvironment`` saying how to write them."""

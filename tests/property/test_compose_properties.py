@@ -37,8 +37,10 @@ class TestDeterministicFlag:
     """Tests for where ``--enable-deterministic-inference`` may appear."""
 
     @given(env=S.environments(), req=S.requests())
-    @example(env=Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.11"),
-             req=LaunchRequest())
+    @example(
+        env=Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, sglang_version="0.5.11"),
+        req=LaunchRequest(),
+    )
     @example(env=Environment(ci=CIMarkers(None, "1")), req=LaunchRequest())
     @example(env=Environment(ci=CIMarkers(None, "yes")), req=LaunchRequest())
     def test_flag_never_reaches_an_environment_with_any_amd_signal(self, env, req):
@@ -57,7 +59,9 @@ class TestDeterministicFlag:
         """On AMD the upstream request (deterministic wanted) composes for every known version, and the drop
         is recorded as a DROPPED decision citing the allow-list."""
         plan = compose(replace(env, sglang_version=version), LaunchRequest())
-        dropped = [d for d in plan.decisions if d.action is Action.DROPPED and d.subject == DETERMINISTIC_FLAG]
+        dropped = [
+            d for d in plan.decisions if d.action is Action.DROPPED and d.subject == DETERMINISTIC_FLAG
+        ]
         assert len(dropped) == 1
         assert "allow-list" in dropped[0].reason and dropped[0].source
 
@@ -125,7 +129,9 @@ class TestArgv:
     def test_user_attention_backend_replaces_never_duplicates(self, env, first, user):
         """A user ``--attention-backend`` in the extra arguments replaces the requested one: the plan has
         exactly one ``--attention-backend`` and it is the user's."""
-        req = LaunchRequest(attention_backend=AttentionBackend(first), extra_args=("--attention-backend", user))
+        req = LaunchRequest(
+            attention_backend=AttentionBackend(first), extra_args=("--attention-backend", user)
+        )
         plan = _compose_or_refuse(env, req)
         if plan is None:  # e.g. fa3 forced off Hopper
             return
@@ -219,7 +225,9 @@ class TestNoGpu:
     def test_no_gpu_is_refused_with_how_to_preview(self, req, version):
         """Vendor ``none`` raises ``UnsupportedCombination`` saying SGLang needs a GPU and how to preview."""
         env = Environment(vendor=Vendor.NONE, arch="", gpu_count=0, sglang_version=version)
-        with pytest.raises(UnsupportedCombination, match=r"needs a GPU.*mlaprop compose --vendor amd --arch gfx942"):
+        with pytest.raises(
+            UnsupportedCombination, match=r"needs a GPU.*mlaprop compose --vendor amd --arch gfx942"
+        ):
             compose(env, req)
 
     @given(env=S.environments())
@@ -237,11 +245,11 @@ class TestHostileInputs:
         """An unknown attention backend or KV dtype raises ``InvalidEnvironment`` listing valid values."""
         if value.strip().lower() in {b.value for b in AttentionBackend}:
             return
-        with pytest.raises(InvalidEnvironment, match="expected one of .*triton"):
+        with pytest.raises(InvalidEnvironment, match=r"expected one of .*triton"):
             LaunchRequest(attention_backend=value)  # type: ignore[arg-type]
         if value.strip().lower() in {d.value for d in KVCacheDtype}:
             return
-        with pytest.raises(InvalidEnvironment, match="expected one of .*fp8_e5m2"):
+        with pytest.raises(InvalidEnvironment, match=r"expected one of .*fp8_e5m2"):
             LaunchRequest(kv_cache_dtype=value)  # type: ignore[arg-type]
 
     @given(tp=st.integers(max_value=0))
@@ -275,7 +283,10 @@ class TestHostileInputs:
         for tok in tokens:
             if tok.startswith("--") and "=" not in tok:
                 assert plan.has_flag(tok.split("=")[0]) or tok in (
-                    "--attention-backend", "--kv-cache-dtype", "--tp-size", DETERMINISTIC_FLAG
+                    "--attention-backend",
+                    "--kv-cache-dtype",
+                    "--tp-size",
+                    DETERMINISTIC_FLAG,
                 )
 
 
@@ -296,9 +307,17 @@ SWEEP_TP = (1, 2)
 def sweep() -> tuple[int, int, int]:
     """Run the exhaustive sweep, asserting the invariants on every point; returns (points, plans, refusals)."""
     points = plans = refusals = 0
-    for (vendor, arch, hip), marker, version in itertools.product(SWEEP_PLATFORMS, SWEEP_MARKERS, KNOWN_VERSIONS):
-        env = Environment(vendor=vendor, arch=arch, torch_hip=hip, ci=CIMarkers(None, marker), sglang_version=version,
-                          gpu_count=2)
+    for (vendor, arch, hip), marker, version in itertools.product(
+        SWEEP_PLATFORMS, SWEEP_MARKERS, KNOWN_VERSIONS
+    ):
+        env = Environment(
+            vendor=vendor,
+            arch=arch,
+            torch_hip=hip,
+            ci=CIMarkers(None, marker),
+            sglang_version=version,
+            gpu_count=2,
+        )
         amd = bool(amd_signals(env))
         caps = capabilities_for(version)
         hw = Vendor.AMD if hip else Vendor.NVIDIA
@@ -312,9 +331,11 @@ def sweep() -> tuple[int, int, int]:
                 # A refusal is only ever for an explicit backend that cannot work here.
                 assert backend is not None, (env, req, exc)
                 assert backend.value in str(exc)
-                assert (not backend_runs_on(backend, hw, arch)) or (
-                    not amd and backend not in caps.deterministic_backends
-                ) or kv is KVCacheDtype.FP8_E5M2, (env, req, exc)
+                assert (
+                    (not backend_runs_on(backend, hw, arch))
+                    or (not amd and backend not in caps.deterministic_backends)
+                    or kv is KVCacheDtype.FP8_E5M2
+                ), (env, req, exc)
                 continue
             plans += 1
             assert (DETERMINISTIC_FLAG in plan.argv) is (not amd), (env, req)
@@ -331,9 +352,11 @@ def test_exhaustive_sweep_holds_every_invariant():
     reaches exactly the environments without an AMD signal, options are unique, the predicted backend runs
     and is allowed, and every refusal is for an explicit backend that cannot work."""
     points, plans, refusals = sweep()
-    assert points == len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(SWEEP_BACKENDS) * len(
-        KVCacheDtype
-    ) * len(SWEEP_TP)
+    assert points == len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(
+        SWEEP_BACKENDS
+    ) * len(KVCacheDtype) * len(SWEEP_TP)
     assert plans > 0 and refusals > 0
     # With no explicit backend nothing is ever refused: every platform gets a plan.
-    assert plans >= len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(KVCacheDtype) * len(SWEEP_TP)
+    assert plans >= len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(KVCacheDtype) * len(
+        SWEEP_TP
+    )
