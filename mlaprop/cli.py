@@ -17,6 +17,7 @@ from mlaprop import __version__
 from mlaprop.capabilities import KNOWN_VERSIONS
 from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import detect_environment
+from mlaprop.preflight import PreflightError
 from mlaprop.environment import (
     DEFAULT_MODEL,
     AttentionBackend,
@@ -193,6 +194,25 @@ def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) ->
     return EXIT_OK
 
 
+def _cmd_preflight(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
+    import os
+
+    from mlaprop.preflight import preflight
+
+    env = _environment_from_args(args, environ)
+    expect = Vendor(args.expect_vendor) if args.expect_vendor else None
+    result = preflight(
+        env,
+        expect=expect,
+        model=args.model,
+        environ=os.environ if environ is None else environ,
+        need_sglang=not args.no_sglang,
+    )
+    for line in result.checks:
+        print(f"ok: {line}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``mlaprop``."""
     parser = argparse.ArgumentParser(
@@ -217,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_compose.add_argument("--json", action="store_true", help="print the plan as JSON")
     p_compose.set_defaults(func=_cmd_compose)
+
+    p_pre = sub.add_parser(
+        "preflight", help="refuse a GPU run in seconds: wrong vendor, no visible GPU, no SGLang, model not cached"
+    )
+    _add_platform_options(p_pre)
+    p_pre.add_argument("--expect-vendor", choices=[Vendor.NVIDIA.value, Vendor.AMD.value], help="vendor this run is for")
+    p_pre.add_argument("--model", default=DEFAULT_MODEL, help="model that must be loadable (default: %(default)s)")
+    p_pre.add_argument("--no-sglang", action="store_true", help="do not require SGLang (simulated runs)")
+    p_pre.set_defaults(func=_cmd_preflight)
 
     _add_job_commands(sub)
     return parser
@@ -245,7 +274,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args.server_argv = server_argv
     try:
         code: int = args.func(args, environ)
-    except (UnsupportedCombination, InvalidEnvironment) as exc:
+    except (UnsupportedCombination, InvalidEnvironment, PreflightError) as exc:
         kind = type(exc).__name__
         print(f"mlaprop: error: {kind}: {exc}", file=sys.stderr)
         return EXIT_USAGE
