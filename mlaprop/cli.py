@@ -17,7 +17,6 @@ from mlaprop import __version__
 from mlaprop.capabilities import KNOWN_VERSIONS
 from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import detect_environment
-from mlaprop.preflight import PreflightError
 from mlaprop.environment import (
     DEFAULT_MODEL,
     AttentionBackend,
@@ -28,6 +27,7 @@ from mlaprop.environment import (
     LaunchRequest,
     Vendor,
 )
+from mlaprop.preflight import PreflightError
 
 __all__ = ["main", "plan_to_dict", "shell_command"]
 
@@ -239,11 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_compose.set_defaults(func=_cmd_compose)
 
     p_pre = sub.add_parser(
-        "preflight", help="refuse a GPU run in seconds: wrong vendor, no visible GPU, no SGLang, model not cached"
+        "preflight",
+        help="refuse a GPU run in seconds: wrong vendor, no visible GPU, no SGLang, model not cached",
     )
     _add_platform_options(p_pre)
-    p_pre.add_argument("--expect-vendor", choices=[Vendor.NVIDIA.value, Vendor.AMD.value], help="vendor this run is for")
-    p_pre.add_argument("--model", default=DEFAULT_MODEL, help="model that must be loadable (default: %(default)s)")
+    p_pre.add_argument(
+        "--expect-vendor", choices=[Vendor.NVIDIA.value, Vendor.AMD.value], help="vendor this run is for"
+    )
+    p_pre.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model that must be loadable (default: %(default)s)"
+    )
     p_pre.add_argument("--no-sglang", action="store_true", help="do not require SGLang (simulated runs)")
     p_pre.set_defaults(func=_cmd_preflight)
 

@@ -76,17 +76,17 @@ DATASET_SHA256: Mapping[str, str] = {
 #: simple-evals' ``LANG_TO_INSTRUCTIONS``, verbatim (including the Japanese text's missing first character),
 #: so prompts are byte-identical to SGLang's ``mgsm_en``. ``{input}`` is the question.
 LANG_TO_INSTRUCTIONS: Mapping[str, str] = {
-    "en": 'Solve this math problem. Give the reasoning steps before giving the final answer on the last line by itself in the format of "Answer:". Do not add anything other than the integer answer after "Answer:".\n\n{input}',  # noqa: E501
-    "bn": 'এই গণিতের সমস্যাটি সমাধান করুন। চূড়ান্ত উত্তর দেওয়ার আগে যুক্তিসম্পন্ন পদক্ষেপ প্রদান করুন। চূড়ান্ত উত্তরটি একক সংখ্যা হিসাবে "উত্তর:" এর পরে শেষ লাইনে দিন। "উত্তর:" এর পরে অন্য কিছু যুক্ত করবেন না।.\n\n{input}',  # noqa: E501
-    "de": 'Löse dieses Mathematikproblem. Gib die Schritte zur Begründung an, bevor du die endgültige Antwort in der letzten Zeile alleine im Format "Antwort:" gibst. Füge nichts anderes als die ganzzahlige Antwort nach "Antwort:" hinzu.\n\n{input}',  # noqa: E501
-    "es": 'Resuelve este problema matemático. Proporciona los pasos de razonamiento antes de dar la respuesta final en la última línea por sí misma en el formato de "Respuesta:". No añadas nada más que la respuesta entera después de "Respuesta:".\n\n{input}',  # noqa: E501
-    "fr": 'Résolvez ce problème de mathématiques. Donnez les étapes de raisonnement avant de fournir la réponse finale sur la dernière ligne elle-même dans le format de "Réponse:". N\'ajoutez rien d\'autre que la réponse entière après "Réponse:".\n\n{input}',  # noqa: E501
-    "ja": 'の数学の問題を解いてください。最終的な答えを出す前に、解答の推論過程を記述してください。そして最後の行には "答え:" の形式で答えを記述し、その後には整数の答え以外何も追加しないでください。\n\n{input}',  # noqa: E501
-    "ru": 'Решите эту математическую задачу. Объясните шаги рассуждения перед тем, как дать окончательный ответ в последней строке сам по себе в формате "Ответ:". Не добавляйте ничего, кроме целочисленного ответа после "Ответ:".\n\n{input}',  # noqa: E501
-    "sw": 'Suluhisha tatizo hili la hesabu. Toa hatua za mantiki kabla ya kutoa jibu la mwisho kwenye mstari wa mwisho peke yake katika muundo wa "Jibu:". Usiongeze chochote kingine isipokuwa jibu la integer baada ya "Jibu:".\n\n{input}',  # noqa: E501
-    "te": "ఈ గణిత సమస్యను పరిష్కరించండి. చివరి సమాధానాన్ని ఇవ్వదానికి ముందు తర్కాత్మక అదుగులను ఇవ్వండి. చివరి పంక్తిలో మాత్రమే 'సమాధానం:' అనే ఆకారంలో చివరి సమాధానాద్ని ఇవ్వండి సమాధానం: తర్వాత పూర్ణాంక సమాధానానికి తప్పించి ఎదేనా చేర్చవద్దు.\n\n{input}",  # noqa: E501
-    "th": 'แก้ปัญหาคณิตศาสตร์นี้ ให้ให้ขั้นตอนการใช้เหตุผลก่อนที่จะให้คำตอบสุดท้ายในบรรทัดสุดท้ายโดยอยู่ในรูปแบบ "คำตอบ:" ไม่ควรเพิ่มอะไรนอกจากคำตอบที่เป็นจำนวนเต็มหลังจาก "คำตอบ:"\n\n{input}',  # noqa: E501
-    "zh": '解决这个数学问题。在最后一行给出答案前，请提供推理步骤。最后一行应该以 "答案: " 的形式独立给出答案。在 "答案：" 后不要添加除整数答案之外的任何内容。\n\n{input}',  # noqa: E501
+    "en": 'Solve this math problem. Give the reasoning steps before giving the final answer on the last line by itself in the format of "Answer:". Do not add anything other than the integer answer after "Answer:".\n\n{input}',
+    "bn": 'এই গণিতের সমস্যাটি সমাধান করুন। চূড়ান্ত উত্তর দেওয়ার আগে যুক্তিসম্পন্ন পদক্ষেপ প্রদান করুন। চূড়ান্ত উত্তরটি একক সংখ্যা হিসাবে "উত্তর:" এর পরে শেষ লাইনে দিন। "উত্তর:" এর পরে অন্য কিছু যুক্ত করবেন না।.\n\n{input}',
+    "de": 'Löse dieses Mathematikproblem. Gib die Schritte zur Begründung an, bevor du die endgültige Antwort in der letzten Zeile alleine im Format "Antwort:" gibst. Füge nichts anderes als die ganzzahlige Antwort nach "Antwort:" hinzu.\n\n{input}',
+    "es": 'Resuelve este problema matemático. Proporciona los pasos de razonamiento antes de dar la respuesta final en la última línea por sí misma en el formato de "Respuesta:". No añadas nada más que la respuesta entera después de "Respuesta:".\n\n{input}',
+    "fr": 'Résolvez ce problème de mathématiques. Donnez les étapes de raisonnement avant de fournir la réponse finale sur la dernière ligne elle-même dans le format de "Réponse:". N\'ajoutez rien d\'autre que la réponse entière après "Réponse:".\n\n{input}',
+    "ja": 'の数学の問題を解いてください。最終的な答えを出す前に、解答の推論過程を記述してください。そして最後の行には "答え:" の形式で答えを記述し、その後には整数の答え以外何も追加しないでください。\n\n{input}',
+    "ru": 'Решите эту математическую задачу. Объясните шаги рассуждения перед тем, как дать окончательный ответ в последней строке сам по себе в формате "Ответ:". Не добавляйте ничего, кроме целочисленного ответа после "Ответ:".\n\n{input}',
+    "sw": 'Suluhisha tatizo hili la hesabu. Toa hatua za mantiki kabla ya kutoa jibu la mwisho kwenye mstari wa mwisho peke yake katika muundo wa "Jibu:". Usiongeze chochote kingine isipokuwa jibu la integer baada ya "Jibu:".\n\n{input}',
+    "te": "ఈ గణిత సమస్యను పరిష్కరించండి. చివరి సమాధానాన్ని ఇవ్వదానికి ముందు తర్కాత్మక అదుగులను ఇవ్వండి. చివరి పంక్తిలో మాత్రమే 'సమాధానం:' అనే ఆకారంలో చివరి సమాధానాద్ని ఇవ్వండి సమాధానం: తర్వాత పూర్ణాంక సమాధానానికి తప్పించి ఎదేనా చేర్చవద్దు.\n\n{input}",
+    "th": 'แก้ปัญหาคณิตศาสตร์นี้ ให้ให้ขั้นตอนการใช้เหตุผลก่อนที่จะให้คำตอบสุดท้ายในบรรทัดสุดท้ายโดยอยู่ในรูปแบบ "คำตอบ:" ไม่ควรเพิ่มอะไรนอกจากคำตอบที่เป็นจำนวนเต็มหลังจาก "คำตอบ:"\n\n{input}',
+    "zh": '解决这个数学问题。在最后一行给出答案前，请提供推理步骤。最后一行应该以 "答案: " 的形式独立给出答案。在 "答案：" 后不要添加除整数答案之外的任何内容。\n\n{input}',
 }
 
 #: simple-evals' ``LANG_TO_ANSWER_PREFIX`` (case-sensitive in simple-evals).
@@ -238,7 +238,8 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
             path,
             None,
             "the file is empty",
-            f"Expected {EXPECTED_ROWS} lines of `question<TAB>answer`; download it again or pass --dataset PATH.",
+            f"Expected {EXPECTED_ROWS} lines of `question<TAB>answer`; download it again or pass "
+            "--dataset PATH.",
         )
     text = _decode(data, path)
     lines = text.replace("\r\n", "\n").split("\n")
@@ -249,7 +250,10 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
         row = raw.rstrip("\r").strip()
         if not row:
             raise InvalidDataset(
-                path, lineno, "blank line between rows", "Remove it: every line must be `question<TAB>answer`."
+                path,
+                lineno,
+                "blank line between rows",
+                "Remove it: every line must be `question<TAB>answer`.",
             )
         cols = row.split("\t")
         if len(cols) != 2:
@@ -263,7 +267,9 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
             )
         question, target = cols[0], cols[1].strip()
         if not question.strip():
-            raise InvalidDataset(path, lineno, "the question is empty", "Each line needs a question before the TAB.")
+            raise InvalidDataset(
+                path, lineno, "the question is empty", "Each line needs a question before the TAB."
+            )
         if not _TARGET.fullmatch(target):
             shown = target if len(target) <= 40 else target[:37] + "..."
             raise InvalidDataset(
@@ -290,7 +296,9 @@ def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
     except FileNotFoundError:
         raise InvalidDataset(p, None, "no such file", "Check the path given to --dataset.") from None
     except IsADirectoryError:
-        raise InvalidDataset(p, None, "is a directory", f"Give the TSV file itself, e.g. {p / f'mgsm_{lang}.tsv'}.")
+        raise InvalidDataset(
+            p, None, "is a directory", f"Give the TSV file itself, e.g. {p / f'mgsm_{lang}.tsv'}."
+        ) from None
     except OSError as exc:
         raise InvalidDataset(p, None, f"cannot be read ({exc.strerror})", "Check its permissions.") from None
     items = parse_dataset(data, lang=lang, path=str(p))
@@ -365,7 +373,9 @@ def resolve_dataset(
             return load_dataset(cached, lang)
         stale = f"The cached copy {cached} does not match the pinned SHA-256 (corrupt or truncated). "
     if not download:
-        raise DatasetUnavailable(f"MGSM-{lang} is not in the cache and downloads are off. {stale}" + _how_to_provide(lang, cached))
+        raise DatasetUnavailable(
+            f"MGSM-{lang} is not in the cache and downloads are off. {stale}" + _how_to_provide(lang, cached)
+        )
     source = url or DATASET_URL.format(lang=lang)
     try:
         data = _download(source, timeout_s)
@@ -377,8 +387,9 @@ def resolve_dataset(
     digest = hashlib.sha256(data).hexdigest()
     if digest != pinned:
         raise DatasetUnavailable(
-            f"The file downloaded from {source} has SHA-256 {digest}, not the pinned {pinned} (changed upstream, "
-            f"or a proxy/captive portal answered). Nothing was cached. " + _how_to_provide(lang, cached)
+            f"The file downloaded from {source} has SHA-256 {digest}, not the pinned {pinned} "
+            "(changed upstream, or a proxy/captive portal answered). Nothing was cached. "
+            + _how_to_provide(lang, cached)
         )
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".mgsm_{lang}.", suffix=".part", dir=folder)
@@ -483,7 +494,7 @@ def _last_number(text: str) -> str:
 
 
 def _answer_line_number(after: str) -> str:
-    """The number given right after an answer prefix: on the rest of its line, else on the next non-empty one."""
+    """The number right after an answer marker: on the rest of its line, else on the next non-empty one."""
     lines = after.split("\n")
     candidates = [lines[0]]
     rest = [ln for ln in lines[1:] if ln.strip()]
@@ -552,7 +563,7 @@ def parse_answer_robust(response: str, lang: str = "en") -> str:
 
 
 def score_robust(target: str, prediction: str) -> bool:
-    """Numeric equality of ``prediction`` (from :func:`parse_answer_robust`) and ``target``; ``""`` is wrong."""
+    """Numeric equality of ``prediction`` (from :func:`parse_answer_robust`) and ``target``; ``""`` fails."""
     if not prediction:
         return False
     try:

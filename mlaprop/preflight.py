@@ -57,7 +57,9 @@ def check_gpu(environment: Environment, expect: Vendor | None) -> None:
     if environment.gpu_count == 0:
         raise PreflightError(
             f"no visible GPU: found {environment.vendor} {environment.arch}, but the device masks hide every "
-            "device.\n" + "\n".join(environment.notes) + "\nUnset CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES / "
+            "device.\n"
+            + "\n".join(environment.notes)
+            + "\nUnset CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES / "
             "ROCR_VISIBLE_DEVICES or list a device in them."
         )
 

@@ -73,7 +73,10 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # clamp rounding: the interval always holds p, and is exactly 0 / 1 at k = 0 / k = n
+    low = 0.0 if k == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if k == n else max(p, min(1.0, centre + half))
+    return low, high
 
 
 def _gate_fraction(gate: float) -> Fraction:
@@ -120,9 +123,14 @@ class Score:
         return self.ci_low <= self.gate <= self.ci_high
 
     def describe(self) -> str:
-        """One line, for example ``0.784 (196/250, ±0.026 s.e., 95% CI 0.729-0.831), 4 questions short of 0.8``."""
+        """One line: ``0.784 (196/250, ±0.026 s.e., 95% CI 0.729-0.831), 4 questions short of the 0.8 gate``.
+
+        Ends with a note when the gate lies inside the interval.
+        """
         if self.questions_to_gate < 0:
-            where = f"{-self.questions_to_gate} question{'s' if self.questions_to_gate != -1 else ''} short of"
+            where = (
+                f"{-self.questions_to_gate} question{'s' if self.questions_to_gate != -1 else ''} short of"
+            )
         elif self.questions_to_gate == 0:
             where = "exactly at"
         else:
@@ -169,7 +177,9 @@ def gate_verdict(correct: int, answered: int, total: int, gate: float = DEFAULT_
             outside ``[0, 1]``.
     """
     if total <= 0 or not 0 <= correct <= answered <= total:
-        raise ValueError(f"need 0 <= correct <= answered <= total and total >= 1, got {correct}/{answered}/{total}")
+        raise ValueError(
+            f"need 0 <= correct <= answered <= total and total >= 1, got {correct}/{answered}/{total}"
+        )
     g = _gate_fraction(gate)
     if Fraction(correct, total) >= g:
         return Verdict.PASS

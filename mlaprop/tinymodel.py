@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOS", "CHAT_TEMPLATE", "EOS", "PAD", "model_config", "write_tiny_mla"]
+__all__ = ["BOS", "CHAT_TEMPLATE", "EOS", "PAD", "TinyModelError", "model_config", "write_tiny_mla"]
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -38,13 +38,68 @@ CHAT_TEMPLATE = (
 )
 
 
+class TinyModelError(RuntimeError):
+    """The tiny model cannot be written here (the message says what is missing and how to install it)."""
+
+
 def _corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
     rnd = random.Random(seed)
-    words = (
-        "the a an of to in is was for on that with as by at from it this be are answer question solve math "
-        "problem step number total each more less than apples eggs dollars hours days people books User "
-        "Assistant reasoning final Answer: therefore so then first second add subtract multiply divide equals"
-    ).split()
+    words = [
+        "the",
+        "a",
+        "an",
+        "of",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "that",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "it",
+        "this",
+        "be",
+        "are",
+        "answer",
+        "question",
+        "solve",
+        "math",
+        "problem",
+        "step",
+        "number",
+        "total",
+        "each",
+        "more",
+        "less",
+        "than",
+        "apples",
+        "eggs",
+        "dollars",
+        "hours",
+        "days",
+        "people",
+        "books",
+        "User",
+        "Assistant",
+        "reasoning",
+        "final",
+        "Answer:",
+        "therefore",
+        "so",
+        "then",
+        "first",
+        "second",
+        "add",
+        "subtract",
+        "multiply",
+        "divide",
+        "equals",
+    ]
     for _ in range(n):
         text = " ".join(rnd.choice(words) for _ in range(rnd.randint(4, 24)))
         nums = " ".join(str(rnd.randint(0, 10 ** rnd.randint(1, 4))) for _ in range(rnd.randint(0, 3)))
@@ -53,7 +108,14 @@ def _corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
 
 
 def model_config(
-    *, layers: int = 2, vocab: int = 2048, hidden: int = 1024, block: int = 128, bos: int = 0, eos: int = 1, pad: int = 2
+    *,
+    layers: int = 2,
+    vocab: int = 2048,
+    hidden: int = 1024,
+    block: int = 128,
+    bos: int = 0,
+    eos: int = 1,
+    pad: int = 2,
 ) -> dict[str, Any]:
     """The ``config.json`` of the tiny model: DeepseekV2 MLA with the test model's attention shape.
 
@@ -64,7 +126,11 @@ def model_config(
         block: FP8 weight block size (``weight_block_size`` [block, block]); 0 for per-tensor FP8.
         bos, eos, pad: special token ids.
     """
-    quant: dict[str, Any] = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    quant: dict[str, Any] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "ignored_layers": ["lm_head"],
+    }
     if block:
         quant["weight_block_size"] = [block, block]
     return {
@@ -129,13 +195,20 @@ def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block
     Takes about a second (a byte-level BPE tokenizer is trained on a small synthetic corpus).
 
     Raises:
-        RuntimeError: the ``tokenizers`` package is missing (the message says how to install it).
+        TinyModelError: the ``tokenizers`` package is missing (the message says how to install it).
         OSError: ``out`` cannot be written.
     """
     try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+        from tokenizers import (  # type: ignore[import-not-found,unused-ignore]
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            processors,
+            trainers,
+        )
     except ImportError:
-        raise RuntimeError(
+        raise TinyModelError(
             "writing the smoke-test model needs the 'tokenizers' package: pip install 'mlaprop[smoke]' "
             "(or pip install tokenizers)"
         ) from None
@@ -155,7 +228,9 @@ def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.save(str(path / "tokenizer.json"))
     ids = [tok.token_to_id(t) for t in (BOS, EOS, PAD)]
-    bos, eos, pad = (int(i) for i in ids)
+    if any(i is None for i in ids):  # pragma: no cover - special tokens are always added by the trainer
+        raise TinyModelError(f"tokenizer training lost a special token: {ids}")
+    bos, eos, pad = (int(i) for i in ids if i is not None)
     config = model_config(layers=layers, vocab=vocab, block=block, bos=bos, eos=eos, pad=pad)
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     files: dict[str, Any] = {

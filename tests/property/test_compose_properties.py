@@ -299,7 +299,7 @@ SWEEP_PLATFORMS = (
     (Vendor.AMD, "gfx942", True),
     (Vendor.AMD, "gfx90a", True),
 )
-SWEEP_MARKERS = (None, "1", "yes", "0")
+SWEEP_MARKERS = (None, "yes")  # unset, and the value SGLang's two parsers disagree on (true to EnvBool)
 SWEEP_BACKENDS = (None, *AttentionBackend)
 SWEEP_TP = (1, 2)
 

@@ -1,0 +1,846 @@
+"""A simulated SGLang server: a real HTTP process that speaks SGLang's launch flags and HTTP API, for tests.
+
+Run it as ``python -m mlaprop.simserver --model-path M --host H --port P [SGLang flags] [--sim-* flags]``;
+in :func:`mlaprop.server.launch` pass ``command_prefix=(sys.executable, "-m", "mlaprop.simserver")``. It
+starts in well under a second, needs no GPU and only the standard library plus :mod:`mlaprop.capabilities`.
+
+SGLang flags
+    Flags it validates as SGLang's parser does: ``--kv-cache-dtype`` (invalid -> argparse usage error,
+    exit 2), ``--attention-backend`` / ``--prefill-attention-backend`` / ``--decode-attention-backend``,
+    ``--tp-size`` (``--tp``), ``--port``. Flags it uses: ``--enable-deterministic-inference``, ``--api-key``
+    (requests other than ``/health*`` need ``Authorization: Bearer KEY``, else 401), ``--served-model-name``.
+    Any other ``--flag [value]`` is accepted and logged (SGLang itself would reject an unknown flag).
+
+SGLang's argument rules, for a simulated platform (``capabilities_for(version)``, ``backend_runs_on``)
+    - ``--enable-deterministic-inference`` with an explicit backend outside the version's allow-list, or on
+      versions before 0.5.12 (no ``deterministic_resolves_first``) with no backend on ROCm where the default
+      is ``aiter`` (16 or 128 KV heads per rank), prints SGLang's traceback ending
+      ``ValueError: Currently only [...] attention backends are supported for deterministic inference, but you
+      explicitly specified 'aiter'.`` to stderr after the import delay and exits 1 (source: ``sglang/srt/
+      server_args.py`` ``_handle_deterministic_inference``; ``srt/arg_groups/pipeline.py`` from 0.5.20).
+    - from 0.5.12 deterministic inference with no backend falls back to ``triton`` (Blackwell, DeepSeek model)
+      or ``fa3``; deterministic + a backend outside the radix list raises SGLang's DeepSeek ``ValueError``.
+    - ``fa3`` with ``--kv-cache-dtype fp8_e5m2`` switches to ``triton``.
+    - a resolved backend with no kernels on the simulated GPU (``fa3`` on ROCm) fails at "model load" with a
+      ``RuntimeError`` traceback, exit 1; so does ``triton`` on ROCm with ``SGLANG_ROCM_FUSED_DECODE_MLA=1``
+      on versions where that path applies to every backend (sglang issue 23536).
+    The model is treated as DeepSeek-family MLA (the test model). Log lines follow SGLang's
+    (``Attention backend: triton``, ``The server is fired up and ready to roll!``).
+
+Platform flags
+    ``--sim-platform {cuda,rocm}`` (default cuda), ``--sim-arch`` (default sm90 / gfx942),
+    ``--sim-sglang-version`` (default the newest known), ``--sim-kv-heads N`` (default 16; per rank N // tp),
+    ``--sim-import-delay S`` (default 0.05: time before arguments are checked, like importing torch).
+
+Scripted faults (each one flag)
+    ``--sim-crash-at-start RC``    exit with RC (0 included) after the import delay, logging why and when.
+    ``--sim-never-healthy``        serve HTTP, but ``/health`` and ``/health_generate`` answer 503 forever.
+    ``--sim-healthy-after S``      ``/health_generate`` answers 503 until S seconds after start (default 0).
+    ``--sim-models-early``         ``/v1/models`` answers 200 before the server is ready (others 503).
+    ``--sim-grandchild``           double-fork a grandchild into a new session (re-parented to PID 1 or the
+                                   nearest subreaper) that keeps the server's listening socket open and
+                                   outlives the server; ``--sim-grandchild-ignore-sigterm`` makes it ignore
+                                   SIGTERM too. Its pid is logged (``grandchild pid N``).
+    ``--sim-children N``           fork N children in the server's process group (like SGLang's scheduler
+                                   and detokenizer) that sleep until killed.
+    ``--sim-ignore-sigterm``       the server ignores SIGTERM (only SIGKILL stops it).
+    ``--sim-die-after-requests K`` exit 1 right after answering the K-th generation request.
+    ``--sim-error-every N``        answer every N-th generation request with HTTP ``--sim-error-status``
+                                   (default 500); ``--sim-error-rate P`` instead a seeded fraction P.
+    ``--sim-malformed-every N``    answer every N-th generation request with 200 and a truncated JSON body;
+                                   ``--sim-malformed-rate P`` a seeded fraction P.
+    ``--sim-max-lifetime S``       exit after S seconds whatever happens (default 600; children and the
+                                   grandchild too), so a leaked simulator cannot live for ever.
+    Generation requests are ``POST /v1/chat/completions`` and ``POST /generate``, numbered from 1 in arrival
+    order; the seeded choice for request n depends only on ``--sim-seed`` and n.
+
+Simulated model
+    ``--sim-dataset PATH`` (an MGSM TSV: ``question<TAB>integer``, commas allowed in the integer) and
+    ``--sim-accuracy P`` (default 1.0): a request whose prompt contains a dataset question gets step-by-step
+    text whose last line is ``Answer: <n>``, correct for exactly ``round(P * rows)`` rows (a fixed choice
+    seeded by ``--sim-seed``) and ``target + 1`` otherwise. Other prompts get deterministic filler text of
+    256 words, cut at the request's max tokens. ``--sim-latency S`` delays every generation request. Unless
+    ``--enable-deterministic-inference`` is given, a request that overlapped with others (more than one
+    generation request in flight at once) gets slightly different text and ``output_ids`` (one word changed,
+    never the ``Answer:`` line), the way batch size changes outputs in real non-deterministic serving.
+    Tokens are whitespace-separated pieces; ``output_ids`` are their CRC32 modulo 102400.
+
+Endpoints
+    ``GET /health``, ``GET /health_generate``, ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI shape
+    with ``usage.completion_tokens``), ``POST /generate`` (``{"text", "sampling_params"}`` -> ``{"text",
+    "output_ids", "meta_info": {"output_ids", "completion_tokens", "prompt_tokens", "finish_reason", ...}}``;
+    a list of texts gives a list), ``POST``/``GET /flush_cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+from packaging.version import Version
+
+from mlaprop.capabilities import NEWEST, Capabilities, backend_runs_on, capabilities_for, is_blackwell
+from mlaprop.environment import AttentionBackend, KVCacheDtype, Vendor
+
+__all__ = ["DatasetRow", "SimModel", "load_dataset", "main", "resolve_attention_backend"]
+
+_B = AttentionBackend
+_VOCAB = 102400
+# SGLang backend names beyond mlaprop's enum that its parser also accepts.
+_OTHER_BACKENDS = ("cutedsl_mla", "dual_chunk_flash_attn", "flex_attention", "intel_amx", "nsa", "trtllm_mha")
+_FILLER_TEXT = (
+    "the model considers each part of the request and writes a short plain answer about it while keeping "
+    "every step simple clear and easy to check for a reader who wants to follow along"
+)
+_FILLER = tuple(_FILLER_TEXT.split())
+_FILLER_WORDS = 256  # a filler answer "wants" this many tokens; shorter max tokens cut it (reason "length")
+_REASONING_TEXT = (
+    "Let's solve this step by step. First we read the problem and note every quantity it gives. "
+    "Then we combine the quantities in the order the question asks and check the arithmetic."
+)
+_REASONING = tuple(_REASONING_TEXT.split())
+
+
+# --------------------------------------------------------------------------------------------------- rules
+
+
+def _listed(names: set[str], source_order: tuple[str, ...], version: str) -> str:
+    """A backend list as SGLang prints it: source order up to 0.5.15, sorted from 0.5.16."""
+    if Version(version) < Version("0.5.16"):
+        return repr([n for n in source_order if n in names])
+    return repr(sorted(names))
+
+
+def _allowlist_text(caps: Capabilities) -> str:
+    return _listed(
+        {b.value for b in caps.deterministic_backends},
+        ("flashinfer", "fa3", "triton", "ascend"),
+        caps.version,
+    )
+
+
+def _radix_text(caps: Capabilities) -> str:
+    return _listed({b.value for b in caps.radix_backends}, ("fa3", "triton", "ascend"), caps.version)
+
+
+def _default_backend(vendor: Vendor, arch: str, kv_heads_per_rank: int) -> str:
+    """SGLang's ``get_default_attn_backend`` for an MLA model (Hopper assumed to have CUDA >= 12.3)."""
+    if vendor is Vendor.AMD:
+        return "aiter" if kv_heads_per_rank in (16, 128) else "triton"
+    arch = arch.strip().lower()
+    if arch == "sm90":
+        return "fa3"
+    if arch in ("sm100", "sm103"):
+        return "flashinfer"
+    return "triton"
+
+
+def _handle_deterministic_inference(
+    caps: Capabilities, vendor: Vendor, arch: str, backend: str | None, kv_heads_per_rank: int, log: list[str]
+) -> str:
+    """The deterministic pass of SGLang's ``ServerArgs`` (``_handle_deterministic_inference``).
+
+    Raises:
+        ValueError: SGLang's exact message when the backend is outside the allow-list or the radix list.
+    """
+    allowed = {b.value for b in caps.deterministic_backends}
+    if backend is None and caps.deterministic_resolves_first:
+        # SM100/SM120 with a DeepSeek-family model -> triton; Hopper and older, ROCm included -> fa3
+        backend = "triton" if is_blackwell(arch) and vendor is Vendor.NVIDIA else "fa3"
+        log.append(
+            f"Attention backend not specified. Falling back to '{backend}' for deterministic inference. "
+            f"You can explicitly set --attention-backend to one of {_allowlist_text(caps)}."
+        )
+    elif backend is None:
+        backend = _default_backend(vendor, arch, kv_heads_per_rank)
+        log.append(f"Attention backend not specified. Use {backend} backend by default.")
+    if backend not in allowed:
+        # Up to 0.5.11 this also fires for a default SGLang filled in itself: the ROCm CI failure.
+        raise ValueError(
+            f"Currently only {_allowlist_text(caps)} attention backends are supported for deterministic "
+            f"inference, but you explicitly specified '{backend}'."
+        )
+    if backend not in {b.value for b in caps.radix_backends}:
+        raise ValueError(
+            f"Currently only {_radix_text(caps)} attention backends are supported for deterministic "
+            f"inference with DeepSeek models. But you're using {backend}."
+        )
+    return backend
+
+
+def resolve_attention_backend(
+    *,
+    version: str,
+    vendor: Vendor,
+    arch: str,
+    attention_backend: str | None,
+    deterministic: bool,
+    kv_cache_dtype: str,
+    tp_size: int = 1,
+    kv_heads: int = 16,
+) -> tuple[str, list[str]]:
+    """The attention backend SGLang ``version`` resolves to for the test model, and the lines it logs.
+
+    Raises:
+        ValueError: SGLang's deterministic-inference message (see :func:`_handle_deterministic_inference`).
+        mlaprop.environment.InvalidEnvironment: unknown version or architecture.
+    """
+    caps = capabilities_for(version)
+    log: list[str] = []
+    heads = kv_heads // max(tp_size, 1)
+    backend = attention_backend
+    if deterministic:
+        backend = _handle_deterministic_inference(caps, vendor, arch, backend, heads, log)
+    elif backend is None:
+        backend = _default_backend(vendor, arch, heads)
+        log.append(f"Attention backend not specified. Use {backend} backend by default.")
+    if backend == "fa3" and kv_cache_dtype == KVCacheDtype.FP8_E5M2.value:
+        log.append(
+            "FlashAttention3 only supports fp8_e4m3 if using FP8; Setting attention backend to triton."
+        )
+        backend = "triton"
+    return backend, log
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """One MGSM row: the question and its integer answer."""
+
+    question: str
+    answer: int
+
+
+def load_dataset(path: str | os.PathLike[str]) -> tuple[DatasetRow, ...]:
+    """Read an MGSM TSV (``question<TAB>integer``; ``2,125`` reads as 2125; blank lines skipped).
+
+    Raises:
+        ValueError: a line without a tab or whose answer is not an integer (the message names the line).
+        OSError: the file cannot be read.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        question, tab, answer = line.rpartition("\t")
+        try:
+            if not tab:
+                raise ValueError
+            rows.append(DatasetRow(question.strip(), int(answer.strip().replace(",", ""))))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'question<TAB>integer', got {line[:80]!r}") from None
+    return tuple(rows)
+
+
+def _pieces(text: str) -> list[str]:
+    """Split into tokens that join back to ``text``: words with their leading space, and newlines."""
+    out: list[str] = []
+    for i, line in enumerate(text.split("\n")):
+        if i:
+            out.append("\n")
+        out.extend(w if j == 0 else " " + w for j, w in enumerate(line.split(" ")))
+    return out
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("\x1f".join(map(str, parts)).encode())
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """The simulated model: answers MGSM questions with a fixed accuracy, filler text otherwise.
+
+    Attributes:
+        rows: dataset rows (may be empty).
+        correct: indices of rows answered correctly.
+        deterministic: outputs do not depend on how many requests were in flight.
+        seed: seed of every choice.
+    """
+
+    rows: tuple[DatasetRow, ...] = ()
+    correct: frozenset[int] = frozenset()
+    deterministic: bool = False
+    seed: int = 0
+
+    @classmethod
+    def build(cls, rows: Sequence[DatasetRow], accuracy: float, deterministic: bool, seed: int) -> SimModel:
+        """A model correct on exactly ``round(accuracy * len(rows))`` rows chosen with ``seed``.
+
+        Raises:
+            ValueError: ``accuracy`` outside [0, 1].
+        """
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"--sim-accuracy must be within [0, 1], got {accuracy}")
+        k = round(accuracy * len(rows))
+        chosen = frozenset(random.Random(seed).sample(range(len(rows)), k))
+        return cls(tuple(rows), chosen, deterministic, seed)
+
+    def find(self, prompt: str) -> int | None:
+        """Index of the dataset row whose question appears in ``prompt`` (the longest match), or ``None``."""
+        best: int | None = None
+        for i, row in enumerate(self.rows):
+            longer = best is None or len(row.question) > len(self.rows[best].question)
+            if row.question and longer and row.question in prompt:
+                best = i
+        return best
+
+    def generate(self, prompt: str, max_tokens: int, batch: int) -> tuple[str, list[int], str]:
+        """Text, output ids and finish reason (``stop`` or ``length``) for ``prompt``.
+
+        ``batch`` is the largest number of generation requests in flight during this one; when it is above
+        1 and the model is not deterministic, one word of the body changes (seeded by prompt and batch).
+        """
+        index = self.find(prompt)
+        if index is not None:
+            row = self.rows[index]
+            value = row.answer if index in self.correct else row.answer + 1
+            body = list(_REASONING)
+            tail = f"\nAnswer: {value}"
+        else:
+            rng = random.Random(_seed(self.seed, "filler", prompt))
+            body = [rng.choice(_FILLER) for _ in range(_FILLER_WORDS)]
+            tail = ""
+        if batch > 1 and not self.deterministic:
+            rng = random.Random(_seed(self.seed, "batch", prompt, batch))
+            pos = rng.randrange(min(len(body), max(max_tokens, 1)))  # a word that is emitted
+            body[pos] = rng.choice([w for w in _FILLER if w != body[pos]])
+        pieces = _pieces(" ".join(body) + tail)
+        finish = "stop"
+        if len(pieces) > max_tokens:
+            pieces, finish = pieces[: max(max_tokens, 0)], "length"
+        ids = [zlib.crc32(p.strip().encode() or b"\n") % _VOCAB for p in pieces]
+        return "".join(pieces), ids, finish
+
+
+# --------------------------------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class _Config:
+    args: argparse.Namespace
+    unknown: tuple[str, ...]
+    backend: str
+    model: SimModel
+    started: float  # monotonic
+
+
+class _InFlight:
+    """Generation requests in flight; each remembers the most it saw at once (its "batch")."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[int, int] = {}
+        self._next = 0
+
+    def enter(self) -> int:
+        with self._lock:
+            self._next += 1
+            key = self._next
+            self._seen[key] = 0
+            n = len(self._seen)
+            for k in self._seen:
+                self._seen[k] = max(self._seen[k], n)
+            return key
+
+    def leave(self, key: int) -> int:
+        with self._lock:
+            return self._seen.pop(key)
+
+
+class _State:
+    def __init__(self, config: _Config, out: TextIO) -> None:
+        self.config = config
+        self.out = out
+        self.ready = threading.Event()
+        self.inflight = _InFlight()
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock:
+            self.out.write(f"[{stamp}] {message}\n")
+            self.out.flush()
+
+    def number(self) -> int:
+        with self._lock:
+            self._count += 1
+            return self._count
+
+
+def _chance(seed: int, kind: str, n: int) -> float:
+    return random.Random(_seed(seed, kind, n)).random()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mlaprop-simserver"
+
+    @property
+    def state(self) -> _State:
+        return cast(_State, getattr(self.server, "state"))  # noqa: B009 (set by _serve)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # access lines are written by _access, health polls left out (they would bury the cause)
+
+    def _access(self, code: int) -> None:
+        if not self.path.startswith("/health"):
+            host, port = self.client_address[:2]
+            reason = self.responses.get(code, ("",))[0]
+            self.state.log(f'INFO:     {host}:{port} - "{self.command} {self.path} HTTP/1.1" {code} {reason}')
+
+    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self._access(code)
+
+    def _json(self, code: int, payload: object) -> None:
+        self._send(code, json.dumps(payload).encode())
+
+    def _error(self, code: int, message: str) -> None:
+        self._json(code, {"object": "error", "message": message, "type": "BadRequestError", "code": code})
+
+    def _authorized(self) -> bool:
+        key = self.state.config.args.api_key
+        if key is None or self.path.startswith("/health"):
+            return True
+        if self.headers.get("Authorization", "") == f"Bearer {key}":
+            return True
+        self._error(401, "Unauthorized")
+        return False
+
+    def do_GET(self) -> None:
+        st = self.state
+        args = st.config.args
+        path = self.path.split("?", 1)[0]
+        if not self._authorized():
+            return
+        if path in ("/health", "/health_generate"):
+            if st.ready.is_set():
+                self._send(200, b"")
+            else:
+                self._send(503, b"")
+        elif path in ("/v1/models", "/get_model_info"):
+            if not st.ready.is_set() and not args.sim_models_early:
+                self._error(503, "server is starting")
+                return
+            name = args.served_model_name or args.model_path
+            self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": name, "object": "model", "owned_by": "sglang", "root": args.model_path}],
+                },
+            )
+        elif path == "/flush_cache":
+            self._send(200, b"Cache flushed.\n", "text/plain")
+        else:
+            self._error(404, f"Not Found: {path}")
+
+    def do_POST(self) -> None:
+        st = self.state
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not self._authorized():
+            return
+        if path == "/flush_cache":
+            self._send(200, b"Cache flushed.\n", "text/plain")
+            return
+        if path not in ("/v1/chat/completions", "/generate"):
+            self._error(404, f"Not Found: {path}")
+            return
+        if not st.ready.is_set():
+            self._error(503, "server is starting")
+            return
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as exc:
+            self._error(400, f"invalid JSON body: {exc}")
+            return
+        self._generation(path, body)
+
+    def _generation(self, path: str, body: dict[str, Any]) -> None:
+        st = self.state
+        args = st.config.args
+        n = st.number()
+        key = st.inflight.enter()
+        try:
+            if args.sim_latency > 0:
+                time.sleep(args.sim_latency)
+        finally:
+            batch = st.inflight.leave(key)
+        if (args.sim_error_every and n % args.sim_error_every == 0) or (
+            args.sim_error_rate and _chance(args.sim_seed, "error", n) < args.sim_error_rate
+        ):
+            message = f"simulated internal server error for request {n} (--sim-error-*)"
+            self._json(
+                args.sim_error_status, {"object": "error", "message": message, "code": args.sim_error_status}
+            )
+        elif (args.sim_malformed_every and n % args.sim_malformed_every == 0) or (
+            args.sim_malformed_rate and _chance(args.sim_seed, "malformed", n) < args.sim_malformed_rate
+        ):
+            self._send(200, b'{"id": "simulated-malformed", "choices": [{"message": {"content": "Answer')
+        else:
+            try:
+                payload = (
+                    self._chat(body, batch) if path == "/v1/chat/completions" else self._generate(body, batch)
+                )
+            except (TypeError, ValueError, KeyError) as exc:
+                self._error(400, f"bad request: {exc}")
+            else:
+                self._json(200, payload)
+        if args.sim_die_after_requests and n >= args.sim_die_after_requests:
+            st.log(
+                f"simulated crash after {n} generation requests (--sim-die-after-requests); "
+                "exiting with code 1"
+            )
+            os._exit(1)
+
+    def _chat(self, body: dict[str, Any], batch: int) -> dict[str, Any]:
+        st = self.state
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise TypeError("messages must be a list")
+        if body.get("stream"):
+            raise ValueError("streaming is not supported by the simulated server")
+        texts = []
+        for m in messages:
+            content = m.get("content", "")
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            texts.append(str(content))
+        prompt = "\n".join(texts)
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 2048)
+        text, ids, finish = st.config.model.generate(prompt, max_tokens, batch)
+        prompt_tokens = len(prompt.split())
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or st.config.args.served_model_name or st.config.args.model_path,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(ids),
+                "total_tokens": prompt_tokens + len(ids),
+            },
+        }
+
+    def _generate(self, body: dict[str, Any], batch: int) -> dict[str, Any] | list[dict[str, Any]]:
+        st = self.state
+        params = body.get("sampling_params") or {}
+        max_tokens = int(params.get("max_new_tokens", 128))
+        texts = body["text"]
+
+        def one(prompt: str) -> dict[str, Any]:
+            text, ids, finish = st.config.model.generate(str(prompt), max_tokens, batch)
+            reason: dict[str, Any] = {"type": finish}
+            if finish == "length":
+                reason["length"] = max_tokens
+            return {
+                "text": text,
+                "output_ids": ids,
+                "meta_info": {
+                    "id": uuid.uuid4().hex,
+                    "finish_reason": reason,
+                    "prompt_tokens": len(str(prompt).split()),
+                    "completion_tokens": len(ids),
+                    "cached_tokens": 0,
+                    "output_ids": ids,
+                },
+            }
+
+        if isinstance(texts, list):
+            return [one(t) for t in texts]
+        return one(texts)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the MGSM client opens up to 1024 connections at once
+
+    def __init__(self, address: tuple[str, int], state: _State) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.state = state
+        super().__init__(address, _Handler)
+
+
+# --------------------------------------------------------------------------------------------------- startup
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch_server.py", allow_abbrev=False)
+    p.add_argument("--model-path", "--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    backends = sorted({b.value for b in AttentionBackend} | set(_OTHER_BACKENDS))
+    p.add_argument("--kv-cache-dtype", default="auto", choices=[d.value for d in KVCacheDtype])
+    p.add_argument("--attention-backend", default=None, choices=backends)
+    p.add_argument("--prefill-attention-backend", default=None, choices=backends)
+    p.add_argument("--decode-attention-backend", default=None, choices=backends)
+    p.add_argument("--tp-size", "--tp", type=int, default=1)
+    p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--sim-platform", choices=("cuda", "rocm"), default="cuda")
+    p.add_argument("--sim-arch", default=None)
+    p.add_argument("--sim-sglang-version", default=NEWEST)
+    p.add_argument("--sim-kv-heads", type=int, default=16)
+    p.add_argument("--sim-import-delay", type=float, default=0.05)
+    p.add_argument("--sim-crash-at-start", type=int, default=None, metavar="RC")
+    p.add_argument("--sim-never-healthy", action="store_true")
+    p.add_argument("--sim-healthy-after", type=float, default=0.0, metavar="S")
+    p.add_argument("--sim-models-early", action="store_true")
+    p.add_argument("--sim-grandchild", action="store_true")
+    p.add_argument("--sim-grandchild-ignore-sigterm", action="store_true")
+    p.add_argument("--sim-children", type=int, default=0, metavar="N")
+    p.add_argument("--sim-ignore-sigterm", action="store_true")
+    p.add_argument("--sim-die-after-requests", type=int, default=0, metavar="K")
+    p.add_argument("--sim-error-every", type=int, default=0, metavar="N")
+    p.add_argument("--sim-error-rate", type=float, default=0.0, metavar="P")
+    p.add_argument("--sim-error-status", type=int, default=500)
+    p.add_argument("--sim-malformed-every", type=int, default=0, metavar="N")
+    p.add_argument("--sim-malformed-rate", type=float, default=0.0, metavar="P")
+    p.add_argument("--sim-max-lifetime", type=float, default=600.0, metavar="S")
+    p.add_argument("--sim-dataset", default=None, metavar="PATH")
+    p.add_argument("--sim-accuracy", type=float, default=1.0, metavar="P")
+    p.add_argument("--sim-latency", type=float, default=0.0, metavar="S")
+    p.add_argument("--sim-seed", type=int, default=0)
+    return p
+
+
+def _import_delay(argv: Sequence[str]) -> float:
+    """``--sim-import-delay`` read before the real parse (SGLang imports torch before parsing)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--sim-import-delay=") else None
+        if arg == "--sim-import-delay" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return 0.0
+    return 0.05
+
+
+def _sleep_until_killed(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 1.0))
+
+
+def _fork_children(count: int, lifetime: float) -> list[int]:
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _sleep_until_killed(lifetime)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return pids
+
+
+def _fork_grandchild(ignore_sigterm: bool, lifetime: float) -> int:
+    """Double-fork a process into a new session; it inherits every open fd (the listening socket too)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate: new session, fork again, exit so the grandchild is re-parented
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() == 0:
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else signal.SIG_DFL)
+                    os.write(w, f"{os.getpid()}\n".encode())
+                    os.close(w)
+                    _sleep_until_killed(lifetime)
+                finally:
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    ready, _, _ = select.select([r], [], [], 5.0)
+    data = os.read(r, 64) if ready else b""
+    os.close(r)
+    return int(data.strip() or 0)
+
+
+def prepare_server_args(argv: Sequence[str], out: TextIO, started: float) -> _Config:
+    """Parse and resolve arguments the way SGLang's ``prepare_server_args`` does.
+
+    Raises:
+        SystemExit: argparse usage error (exit 2).
+        ValueError: SGLang's deterministic-inference errors.
+    """
+    args, unknown = _parser().parse_known_args(list(argv))
+    vendor = Vendor.AMD if args.sim_platform == "rocm" else Vendor.NVIDIA
+    if args.sim_arch is None:
+        args.sim_arch = "gfx942" if vendor is Vendor.AMD else "sm90"
+    fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(args).items()) if not k.startswith("sim_"))
+    out.write(f"server_args=ServerArgs({fields})\n")
+    if unknown:
+        out.write(
+            f"WARNING: accepting unknown arguments (the simulator is permissive): {' '.join(unknown)}\n"
+        )
+    out.flush()
+    explicit = args.attention_backend
+    if explicit is None and args.prefill_attention_backend == args.decode_attention_backend:
+        explicit = args.prefill_attention_backend
+    backend, lines = resolve_attention_backend(
+        version=args.sim_sglang_version,
+        vendor=vendor,
+        arch=args.sim_arch,
+        attention_backend=explicit,
+        deterministic=args.enable_deterministic_inference,
+        kv_cache_dtype=args.kv_cache_dtype,
+        tp_size=args.tp_size,
+        kv_heads=args.sim_kv_heads,
+    )
+    for line in lines:
+        out.write(f"WARNING: {line}\n")
+    rows = load_dataset(args.sim_dataset) if args.sim_dataset else ()
+    model = SimModel.build(rows, args.sim_accuracy, args.enable_deterministic_inference, args.sim_seed)
+    return _Config(args, tuple(unknown), backend, model, started)
+
+
+def _load_model(config: _Config) -> None:
+    """Simulated model load: fails like SGLang at run time when the backend cannot run here.
+
+    Raises:
+        RuntimeError: no kernels for the backend on this GPU, or the ROCm fused-decode-MLA failure.
+    """
+    args = config.args
+    vendor = Vendor.AMD if args.sim_platform == "rocm" else Vendor.NVIDIA
+    known = config.backend in {b.value for b in AttentionBackend}
+    if known and not backend_runs_on(AttentionBackend(config.backend), vendor, args.sim_arch):
+        raise RuntimeError(
+            f"attention backend '{config.backend}' has no kernels for this GPU "
+            f"({args.sim_platform} {args.sim_arch}); it passed argument checking but cannot run"
+        )
+    fused = os.environ.get("SGLANG_ROCM_FUSED_DECODE_MLA", "").strip().lower() in ("1", "true")
+    caps = capabilities_for(args.sim_sglang_version)
+    if (
+        vendor is Vendor.AMD
+        and fused
+        and config.backend == "triton"
+        and caps.rocm_fused_decode_mla_any_backend
+    ):
+        raise RuntimeError(
+            "SGLANG_ROCM_FUSED_DECODE_MLA=1 applies the fused decode path to attention backend 'triton', "
+            "which reads aiter-specific metadata (simulated sglang issue 23536)"
+        )
+
+
+def _serve(config: _Config, out: TextIO) -> int:
+    args = config.args
+    state = _State(config, out)
+    try:
+        httpd = _Server((args.host, args.port), state)
+    except OSError as exc:
+        state.log(
+            f"ERROR:    [Errno {exc.errno}] error while attempting to bind on address "
+            f"({args.host!r}, {args.port}): {exc.strerror.lower() if exc.strerror else exc}"
+        )
+        return 1
+    lifetime = args.sim_max_lifetime
+    if args.sim_grandchild:
+        pid = _fork_grandchild(args.sim_grandchild_ignore_sigterm, lifetime)
+        state.log(f"grandchild pid {pid} in a new session, holding port {args.port}; it outlives this server")
+    for pid in _fork_children(args.sim_children, lifetime):
+        state.log(f"child pid {pid} (simulated scheduler) started")
+
+    if args.sim_ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        state.log("ignoring SIGTERM (--sim-ignore-sigterm)")
+    else:
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            state.log("Received SIGTERM; shutting down.")
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def become_ready() -> None:
+        if args.sim_never_healthy:
+            state.log("simulated: /health_generate answers 503 for ever (--sim-never-healthy)")
+            return
+        delay = config.started + args.sim_healthy_after - time.monotonic()
+        if delay > 0:
+            state.log(f"simulated: healthy after {args.sim_healthy_after:g} s (--sim-healthy-after)")
+            time.sleep(delay)
+        state.ready.set()
+        state.log(f"The server is fired up and ready to roll! (t={time.time():.6f})")
+
+    state.log(f"Attention backend: {config.backend}")
+    state.log(f"Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
+    threading.Thread(target=become_ready, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    _sleep_until_killed(lifetime)
+    state.log(f"simulated server reached --sim-max-lifetime {lifetime:g} s; exiting")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the simulated server (blocks until killed or ``--sim-max-lifetime``); returns the exit code.
+
+    Raises:
+        SystemExit: argparse usage error (exit 2).
+        ValueError, RuntimeError: SGLang's argument errors and simulated run-time failures (exit 1 as a
+            traceback when run as ``python -m mlaprop.simserver``).
+    """
+    started = time.monotonic()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
+    time.sleep(_import_delay(argv))
+    config = prepare_server_args(argv, out, started)
+    rc = config.args.sim_crash_at_start
+    if rc is not None:
+        out.write(
+            f"simulated crash at start-up (--sim-crash-at-start): exiting with code {rc} "
+            f"at t={time.time():.6f}\n"
+        )
+        return int(rc)
+    out.write("Load weight begin. (simulated)\n")
+    out.flush()
+    _load_model(config)
+    return _serve(config, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Tests for `mlaprop.evalclient`: retries, errors, early stops and MGSM scoring against a scripted server."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlaprop.evalclient import (
+    ClientConfig,
+    EvalAborted,
+    EvalResult,
+    HttpClient,
+    RequestFailed,
+    percentile,
+    run_mgsm,
+)
+from mlaprop.mgsm import MgsmDataset, MgsmItem, Parser, build_prompt
+from mlaprop.stats import Verdict
+from tests.eval_fixtures import MODELS, Answer, chat_answer, closed_port, load_en, question_of, serve
+
+FAST = ClientConfig(concurrency=8, max_retries=2, backoff_s=0.01, backoff_max_s=0.05, progress=False)
+
+
+def _small(ds: MgsmDataset, n: int) -> MgsmDataset:
+    return MgsmDataset(ds.lang, ds.path, ds.sha256, ds.items[:n], ds.canonical)
+
+
+class Model:
+    """A scripted model: right on ``right`` indices, wrong elsewhere; hooks for failures."""
+
+    def __init__(self, ds: MgsmDataset, right: set[int], fail: set[int] | None = None) -> None:
+        self.by_prompt: dict[str, MgsmItem] = {build_prompt(i.question): i for i in ds.items}
+        self.right = right
+        self.fail = fail or set()
+
+    def __call__(self, method: str, path: str, body: Any) -> Answer:
+        if path == "/v1/models":
+            return MODELS
+        item = self.by_prompt[question_of(body)]
+        if item.index in self.fail:
+            return Answer(status=500, body={"error": "boom"})
+        value = item.target_value if item.index in self.right else item.target_value + 1
+        return chat_answer(f"Let me think step by step.\nAnswer: {value}", completion_tokens=7)
+
+
+class TestHttpClient:
+    """Tests for `HttpClient.request`: what is retried, what is not, and how long it takes."""
+
+    def test_retries_429_and_503_then_succeeds(self) -> None:
+        """429 and 503 are retried (honouring Retry-After); the third attempt's answer is returned."""
+        script = iter([Answer(429, {"e": 1}, headers={"Retry-After": "0"}), Answer(503, {"e": 2})])
+        with (
+            serve(lambda m, p, b: next(script, Answer(body={"ok": True}))) as srv,
+            HttpClient(srv.url, FAST) as c,
+        ):
+            reply = c.post_json("/x", {})
+        assert (reply.body, reply.attempts) == ({"ok": True}, 3)
+        assert srv.count("/x") == 3
+
+    def test_gives_up_after_max_retries(self) -> None:
+        """Persistent 500s fail after 1 + max_retries attempts, with the status and body in the reason."""
+        with (
+            serve(lambda m, p, b: Answer(500, {"error": "kaput"})) as srv,
+            HttpClient(srv.url, FAST) as c,
+            pytest.raises(RequestFailed) as info,
+        ):
+            c.post_json("/x", {})
+        assert (info.value.status, info.value.attempts) == (500, 3)
+        assert info.value.reason == 'HTTP 500: {"error": "kaput"} (after 3 attempts)'
+        assert srv.count("/x") == 3
+
+    def test_400_not_retried(self) -> None:
+        """A client error is not retried."""
+        with (
+            serve(lambda m, p, b: Answer(400, {"error": "bad"})) as srv,
+            HttpClient(srv.url, FAST) as c,
+            pytest.raises(RequestFailed) as info,
+        ):
+            c.post_json("/x", {})
+        assert (info.value.status, info.value.attempts, srv.count("/x")) == (400, 1, 1)
+
+    def test_not_json(self) -> None:
+        """A 200 with a body that is not JSON is a failure, not an empty answer."""
+        with serve(lambda m, p, b: Answer(text="<html>proxy</html>")) as srv, HttpClient(srv.url, FAST) as c:
+            with pytest.raises(RequestFailed, match="not JSON"):
+                c.get_json("/x")
+            assert c.request("GET", "/x", parse_json=False).body == "<html>proxy</html>"
+
+    def test_connection_refused_is_retried_and_bounded(self) -> None:
+        """Nothing listening: retried with backoff, then fails quickly."""
+        started = time.monotonic()
+        with HttpClient(f"http://127.0.0.1:{closed_port()}", FAST) as c, pytest.raises(RequestFailed) as info:
+            c.get_json("/health")
+        assert info.value.attempts == 3
+        assert info.value.status is None
+        assert "ConnectionError" in info.value.reason
+        assert time.monotonic() - started < 2.0
+
+    def test_read_timeout_not_retried(self) -> None:
+        """A stalled answer times out after ``request_timeout_s`` and is not retried."""
+        cfg = ClientConfig(concurrency=1, request_timeout_s=0.2, max_retries=3, progress=False)
+        with serve(lambda m, p, b: Answer(body={}, delay_s=1.0)) as srv, HttpClient(srv.url, cfg) as c:
+            started = time.monotonic()
+            with pytest.raises(RequestFailed, match=r"no answer within 0.2 s"):
+                c.get_json("/slow")
+            assert time.monotonic() - started < 0.9
+            assert srv.count("/slow") == 1
+
+    def test_stop_interrupts_backoff(self) -> None:
+        """``stop()`` wakes a request sleeping between retries, which then fails at once."""
+        cfg = ClientConfig(concurrency=1, max_retries=5, backoff_s=5.0, backoff_max_s=5.0, progress=False)
+        with serve(lambda m, p, b: Answer(503, {})) as srv, HttpClient(srv.url, cfg) as c:
+            threading.Timer(0.2, c.stop).start()
+            started = time.monotonic()
+            with pytest.raises(RequestFailed, match="stopped"):
+                c.get_json("/x")
+            assert time.monotonic() - started < 1.5
+
+    def test_stop_cuts_a_hung_request(self) -> None:
+        """``stop()`` cuts a request waiting on a server that never answers, long before the read timeout."""
+        cfg = ClientConfig(concurrency=1, request_timeout_s=30, progress=False)
+        with serve(lambda m, p, b: Answer(body={}, delay_s=3.0)) as srv, HttpClient(srv.url, cfg) as c:
+            threading.Timer(0.2, c.stop).start()
+            started = time.monotonic()
+            with pytest.raises(RequestFailed, match="stopped while waiting for the reply"):
+                c.get_json("/hang")
+            assert time.monotonic() - started < 1.0
+
+    def test_pool_and_auth(self) -> None:
+        """The pool holds ``concurrency`` connections; the API key goes in a header and never in repr."""
+        cfg = ClientConfig(concurrency=33, api_key="sk-secret-123", progress=False)
+        with serve(lambda m, p, b: Answer(body={})) as srv, HttpClient(srv.url, cfg) as c:
+            c.get_json("/x")
+            adapter: Any = c.session.get_adapter(srv.url)
+            assert adapter._pool_maxsize == 33
+        assert srv.bodies[0][2]["Authorization"] == "Bearer sk-secret-123"
+        assert "sk-secret" not in repr(cfg)
+
+    @pytest.mark.parametrize("bad", [{"concurrency": 0}, {"max_retries": -1}, {"max_error_rate": 2.0}])
+    def test_bad_config(self, bad: dict[str, Any]) -> None:
+        """Impossible settings are refused."""
+        with pytest.raises(ValueError):
+            ClientConfig(**bad)
+
+
+class TestRunMgsm:
+    """Tests for `run_mgsm` on the real MGSM-en questions."""
+
+    def test_exact_score(self, mgsm_dir: Path) -> None:
+        """A model right on 40 of 50 questions scores exactly 0.8 with both parsers; records carry details."""
+        ds = _small(load_en(mgsm_dir), 50)
+        model = Model(ds, right=set(range(10, 50)))
+        seen: list[str] = []
+        with serve(model) as srv:
+            result = run_mgsm(srv.url, ds, config=FAST, on_record=lambda r: seen.append(r.qid))
+        assert (result.n_total, result.answered, result.errors) == (50, 50, 0)
+        assert result.correct(Parser.SIMPLE_EVALS) == result.correct(Parser.ROBUST) == 40
+        score = result.score(Parser.SIMPLE_EVALS)
+        assert score is not None and score.score == 0.8
+        assert result.verdict(Parser.SIMPLE_EVALS) is Verdict.PASS
+        assert result.model == "fake-model"
+        assert sorted(seen) == [i.qid for i in ds.items]
+        assert [r.index for r in result.records] == list(range(50))
+        wrong, right = result.records[0], result.records[10]
+        assert (wrong.target, wrong.extracted_simple_evals, wrong.extracted_robust) == ("18", "19", "19")
+        assert (wrong.correct_simple_evals, wrong.correct_robust, wrong.completion_tokens) == (
+            False,
+            False,
+            7,
+        )
+        assert right.extracted_simple_evals == right.extracted_robust == right.target.replace(",", "")
+        assert right.correct_simple_evals and right.correct_robust
+        assert result.completion_tokens == 350
+        assert result.disagreements == ()
+
+    def test_errors_are_not_wrong_answers(self, mgsm_dir: Path) -> None:
+        """Questions whose requests fail are errors: not answered, not wrong, verdict bounded both ways."""
+        ds = _small(load_en(mgsm_dir), 40)
+        model = Model(ds, right=set(range(40)), fail={3, 7})
+        cfg = ClientConfig(concurrency=4, max_retries=1, backoff_s=0.01, max_error_rate=0.1, progress=False)
+        with serve(model) as srv:
+            result = run_mgsm(srv.url, ds, config=cfg)
+        assert (result.answered, result.errors, result.correct(Parser.ROBUST)) == (38, 2, 38)
+        assert [r.qid for r in result.records if r.error] == ["mgsm_en_003", "mgsm_en_007"]
+        assert result.records[3].error == 'HTTP 500: {"error": "boom"} (after 2 attempts)'
+        assert result.records[3].correct_robust is False and result.records[3].response is None
+        score = result.score(Parser.ROBUST)
+        assert score is not None and (score.correct, score.n, score.score) == (38, 38, 1.0)
+        assert result.verdict(Parser.ROBUST) is Verdict.PASS  # 38/40 >= 0.8 even counting errors wrong
+
+    def test_parsers_disagree(self, mgsm_dir: Path) -> None:
+        """Replies only the robust parser reads are listed as disagreements."""
+        ds = _small(load_en(mgsm_dir), 4)
+
+        def handler(m: str, p: str, b: Any) -> Answer:
+            if p == "/v1/models":
+                return MODELS
+            item = next(i for i in ds.items if build_prompt(i.question) == question_of(b))
+            return chat_answer(f"answer: {item.target}" if item.index % 2 else f"Answer: {item.target}")
+
+        with serve(handler) as srv:
+            result = run_mgsm(srv.url, ds, config=FAST, model="m")
+        assert [r.qid for r in result.disagreements] == ["mgsm_en_001", "mgsm_en_003"]
+        assert (result.correct(Parser.SIMPLE_EVALS), result.correct(Parser.ROBUST)) == (2, 4)
+        assert srv.count("/v1/models") == 0  # a named model is not looked up
+
+    def test_error_rate_stops_in_bounded_time(self, mgsm_dir: Path) -> None:
+        """A server failing everything stops the run early with partial results."""
+        ds = _small(load_en(mgsm_dir), 200)
+        with serve(lambda m, p, b: MODELS if p == "/v1/models" else Answer(500, {})) as srv:
+            started = time.monotonic()
+            with pytest.raises(EvalAborted) as info:
+                run_mgsm(srv.url, ds, config=FAST)
+            elapsed = time.monotonic() - started
+        partial = info.value.partial
+        assert isinstance(partial, EvalResult)
+        assert partial.aborted == info.value.reason
+        assert "over the 5% bound" in info.value.reason
+        assert 0 < partial.errors < 200 and partial.answered == 0
+        assert partial.missing > 0
+        assert srv.count("/v1/chat/completions") < 200 * 3
+        assert elapsed < 5.0
+
+    def test_server_death_stops_in_bounded_time(self, mgsm_dir: Path) -> None:
+        """When ``is_alive`` turns false the run stops within about one poll, keeping what finished."""
+        ds = _small(load_en(mgsm_dir), 120)
+        model = Model(ds, right=set(range(120)))
+        counter = itertools.count()
+
+        def handler(m: str, p: str, b: Any) -> Answer:
+            ans = model(m, p, b)
+            ans.delay_s = 0.02
+            if p != "/v1/models" and next(counter) >= 30:
+                ans.delay_s = 30.0  # the server hangs before dying
+            return ans
+
+        cfg = ClientConfig(
+            concurrency=4, request_timeout_s=60, alive_poll_s=0.1, abort_grace_s=0.5, progress=False
+        )
+        with serve(handler) as srv:
+            dead_after = time.monotonic() + 0.5
+            started = time.monotonic()
+            with pytest.raises(EvalAborted) as info:
+                run_mgsm(srv.url, ds, config=cfg, is_alive=lambda: time.monotonic() < dead_after)
+            elapsed = time.monotonic() - started
+        assert info.value.reason.startswith("the server process exited with")
+        partial = info.value.partial
+        assert isinstance(partial, EvalResult)
+        assert 20 <= partial.answered <= 30
+        assert partial.correct(Parser.SIMPLE_EVALS) == partial.answered
+        assert elapsed < 2.5
+        deadline = time.monotonic() + 2.0  # the cut requests release their threads at once
+        while (
+            any(t.name.startswith("mlaprop") for t in threading.enumerate()) and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("mlaprop")]
+
+    def test_model_list_failure(self, mgsm_dir: Path) -> None:
+        """No model list: the run stops before any question, saying why."""
+        ds = _small(load_en(mgsm_dir), 3)
+        with (
+            serve(lambda m, p, b: Answer(404, {"detail": "nope"})) as srv,
+            pytest.raises(EvalAborted) as info,
+        ):
+            run_mgsm(srv.url, ds, config=FAST)
+        assert info.value.reason == 'could not list the server\'s models: HTTP 404: {"detail": "nope"}'
+        assert info.value.partial.records == ()
+
+    def test_malformed_reply_is_an_error(self, mgsm_dir: Path) -> None:
+        """A 200 without choices is an error record."""
+        ds = _small(load_en(mgsm_dir), 2)
+        with serve(lambda m, p, b: Answer(body={"object": "error"})) as srv:
+            result = run_mgsm(srv.url, ds, config=ClientConfig(max_error_rate=1.0, progress=False), model="m")
+        assert result.errors == 2
+        assert result.records[0].error is not None
+        assert result.records[0].error.startswith("malformed reply, no choices[0].message.content")
+
+    def test_concurrency_is_used(self, mgsm_dir: Path) -> None:
+        """Up to ``concurrency`` requests are in flight at once."""
+        ds = _small(load_en(mgsm_dir), 24)
+        model = Model(ds, right=set())
+
+        def slow(m: str, p: str, b: Any) -> Answer:
+            ans = model(m, p, b)
+            ans.delay_s = 0.1
+            return ans
+
+        cfg = ClientConfig(concurrency=8, progress=False)
+        with serve(slow) as srv:
+            started = time.monotonic()
+            result = run_mgsm(srv.url, ds, config=cfg, model="m")
+            elapsed = time.monotonic() - started
+        assert result.answered == 24
+        assert srv.max_in_flight == 8
+        assert elapsed < 0.1 * 24 / 8 + 0.5
+
+
+def test_percentile() -> None:
+    """Linear interpolation between closest ranks."""
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 95) == pytest.approx(1.95)
