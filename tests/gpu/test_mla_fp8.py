@@ -24,70 +24,27 @@ Settings, from environment variables (the tox envs pass them through):
 from __future__ import annotations
 
 import json
-import os
-import shlex
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from mlaprop.ci import envbool
-from mlaprop.detect import detect_environment
-from mlaprop.environment import DEFAULT_MODEL, LaunchRequest, Vendor
-from mlaprop.preflight import preflight
+from mlaprop.environment import LaunchRequest, Vendor
 from mlaprop.runner import EXIT_OK, SMOKE_QUESTIONS, EvalOptions, RunOptions, run
+from tests.gpu.conftest import GpuConfig
 
 pytestmark = pytest.mark.gpu
 
 
-@dataclass(frozen=True)
-class GpuConfig:
-    """This run's settings, read from the environment."""
-
-    model: str
-    server_args: tuple[str, ...]
-    threshold: float
-    smoke: bool
-    simulate: bool
-    dataset: str | None
-    report_dir: Path
-    ready_timeout_s: float
-
-    @classmethod
-    def from_environ(cls, vendor: Vendor) -> GpuConfig:
-        env = os.environ
-        return cls(
-            model=env.get("MLAPROP_MODEL") or DEFAULT_MODEL,
-            server_args=tuple(shlex.split(env.get("MLAPROP_SERVER_ARGS", ""))),
-            threshold=float(env.get("MLAPROP_THRESHOLD") or 0.8),
-            smoke=envbool(env.get("MLAPROP_SMOKE")),
-            simulate=envbool(env.get("MLAPROP_SIMULATE")),
-            dataset=env.get("MLAPROP_DATASET") or None,
-            report_dir=Path(env.get("MLAPROP_REPORT_DIR") or f"mlaprop-report/gpu-{vendor.value}"),
-            ready_timeout_s=float(env.get("MLAPROP_READY_TIMEOUT") or 600),
-        )
-
-
-def _run_mla_fp8(vendor: Vendor, record_property: pytest.RecordProperty) -> None:
-    cfg = GpuConfig.from_environ(vendor)
-    expect = os.environ.get("MLAPROP_EXPECT_VENDOR")
-    if expect and expect != vendor.value:
-        pytest.fail(
-            f"MLAPROP_EXPECT_VENDOR={expect} but this is the {vendor.value} test: run `tox -e gpu-{expect}`, "
-            f"which selects -m '{expect}'"
-        )
-    env = detect_environment()
-    # Refuse within seconds, before any launch: a skip here would be a green run that tested nothing.
-    preflight(env, expect=vendor, model=cfg.model, need_sglang=not cfg.simulate, environ=os.environ)
+def _run_mla_fp8(cfg: GpuConfig, record_property: pytest.RecordProperty) -> None:
+    # In smoke mode cfg.model is already the tiny model; the runner's smoke flag only adds its server args.
     request = LaunchRequest(model=cfg.model, extra_args=cfg.server_args)
     code = run(
         RunOptions(
             request=request,
-            environment=env,
+            environment=cfg.environment,
             simulate=cfg.simulate,
             smoke=cfg.smoke,
             ready_timeout_s=cfg.ready_timeout_s,
-            preflight=False,
+            preflight=False,  # done by the gpu_config fixture, before anything else
         ),
         EvalOptions(
             dataset=cfg.dataset,
@@ -107,7 +64,7 @@ def _run_mla_fp8(vendor: Vendor, record_property: pytest.RecordProperty) -> None
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()))
 
     plan = summary["plan"]
-    assert ("--enable-deterministic-inference" in plan["argv"]) is (vendor is Vendor.NVIDIA), plan["argv"]
+    assert ("--enable-deterministic-inference" in plan["argv"]) is (cfg.vendor is Vendor.NVIDIA), plan["argv"]
     mgsm = summary["mgsm"]
     assert mgsm is not None and mgsm["answered"] > 0, f"no MGSM question was answered: {summary.get('error')}"
     if plan["deterministic"]:
@@ -116,18 +73,18 @@ def _run_mla_fp8(vendor: Vendor, record_property: pytest.RecordProperty) -> None
     if not cfg.smoke:
         gating = mgsm["scores"][mgsm["gating_parser"]]
         assert gating["score"] >= cfg.threshold, f"MGSM-en {gating['text']}; see {summary_path}"
-    assert code == EXIT_OK, f"mlaprop run exited {code}: {summary.get('verdict') or summary.get('error')}"
+    assert code == EXIT_OK, f"mlaprop run exited {code}: {summary.get('message')}"
 
 
 @pytest.mark.nvidia
-def test_mla_fp8_nvidia(record_property: pytest.RecordProperty) -> None:
+def test_mla_fp8_nvidia(gpu_config: GpuConfig, record_property: pytest.RecordProperty) -> None:
     """On NVIDIA the plan carries the deterministic flag, the server serves the MLA FP8 model, MGSM-en
     reaches the gate, and outputs do not depend on batch composition."""
-    _run_mla_fp8(Vendor.NVIDIA, record_property)
+    _run_mla_fp8(gpu_config, record_property)
 
 
 @pytest.mark.amd
-def test_mla_fp8_amd(record_property: pytest.RecordProperty) -> None:
+def test_mla_fp8_amd(gpu_config: GpuConfig, record_property: pytest.RecordProperty) -> None:
     """On AMD/ROCm the plan leaves the deterministic flag out, the server starts on its default MLA backend
     (``aiter`` at tp=1), and MGSM-en reaches the gate."""
-    _run_mla_fp8(Vendor.AMD, record_property)
+    _run_mla_fp8(gpu_config, record_property)
