@@ -7,7 +7,7 @@ so a value can be written straight into an argv. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -23,6 +23,7 @@ __all__ = [
     "LaunchPlan",
     "LaunchRequest",
     "Vendor",
+    "option_value",
     "parse_enum",
 ]
 
@@ -260,9 +261,14 @@ class LaunchPlan:
 
     def option(self, flag: str) -> str | None:
         """The value given to ``flag`` in :attr:`argv`, or ``None`` when absent."""
-        for i, a in enumerate(self.argv):
-            if a.startswith(flag + "="):
-                return a.split("=", 1)[1]
-            if a == flag and i + 1 < len(self.argv):
-                return self.argv[i + 1]
-        return None
+        return option_value(self.argv, flag)
+
+
+def option_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag value`` or ``--flag=value``; the first one), or ``None``."""
+    for i, a in enumerate(argv):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None

@@ -53,7 +53,7 @@ from typing import TextIO
 import psutil
 import requests
 
-from mlaprop.environment import LaunchPlan
+from mlaprop.environment import LaunchPlan, option_value
 from mlaprop.redact import redact, redact_argv, redact_env
 
 __all__ = [
@@ -410,7 +410,7 @@ class Server:
         self._grace = grace
         self._owns_log = owns_log
         self._token = env[SERVER_ID_VARIABLE]
-        self._api_key = _option(argv, "--api-key")
+        self._api_key = option_value(argv, "--api-key")
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._known: dict[tuple[int, float], psutil.Process] = {}
@@ -689,15 +689,6 @@ class Server:
 # --------------------------------------------------------------------------------------------------- API
 
 
-def _option(argv: Sequence[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def start(
     plan: LaunchPlan | None = None,
     model: str | None = None,
@@ -754,7 +745,7 @@ def start(
         raise ValueError("no model: pass model= or a plan")
     server_args = [*(plan.argv if plan is not None else ()), *extra_args]
     for flag in _LAUNCHER_FLAGS:
-        if _option(server_args, flag) is not None or flag in server_args:
+        if option_value(server_args, flag) is not None or flag in server_args:
             raise ValueError(f"{flag} belongs to the launcher: pass it as an argument of start()/launch()")
     if ready_timeout <= 0 or request_timeout <= 0 or poll_interval <= 0 or grace < 0 or port_attempts < 1:
         raise ValueError(
