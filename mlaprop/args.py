@@ -100,8 +100,16 @@ LAUNCHER_OWNED: frozenset[str] = frozenset({"--model-path", "--host", "--port"})
 
 
 def canonical(name: str) -> str:
-    """The spelling mlaprop emits for option ``name`` (``--tensor-parallel-size`` -> ``--tp-size``)."""
-    return _ALIASES.get(name, name)
+    """The spelling mlaprop emits for option ``name`` (``--tensor-parallel-size`` -> ``--tp-size``).
+
+    SGLang's argparse also accepts unique prefixes of its options; a prefix of a launcher-owned option
+    (``--por`` for ``--port``, ``--hos``, ``--model-pa``) is expanded so it cannot slip past the refusal.
+    """
+    name = _ALIASES.get(name, name)
+    if name in SWITCHES or name in VALUE_OPTIONS or len(name) < 4:
+        return name
+    owned = [o for o in LAUNCHER_OWNED if o.startswith(name)]
+    return owned[0] if len(owned) == 1 else name
 
 
 @dataclass(frozen=True)

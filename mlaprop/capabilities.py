@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from packaging.version import InvalidVersion, Version
 
-from mlaprop.environment import AttentionBackend, InvalidEnvironment, Vendor
+from mlaprop.environment import AttentionBackend, InvalidEnvironment, KVCacheDtype, Vendor
 
 __all__ = [
     "KNOWN_VERSIONS",
@@ -19,11 +19,16 @@ __all__ = [
     "Capabilities",
     "backend_runs_on",
     "capabilities_for",
+    "cuda_at_least",
     "is_blackwell",
+    "is_hopper",
+    "is_sm100",
+    "is_sm120",
     "parse_arch",
 ]
 
 _B = AttentionBackend
+_K = KVCacheDtype
 
 #: Upstream sources cited by decisions; keys are short names used in this package.
 SOURCES: dict[str, str] = {
@@ -56,6 +61,23 @@ SOURCES: dict[str, str] = {
         " (trtllm_mla and cutedsl_mla accept only fp8_e4m3, bf16 or auto KV cache)"
     ),
     "hardware": "https://docs.sglang.ai/advanced_features/attention_backend.html (backend support matrix)",
+    "radix": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/attention_hook.py"
+        " (deterministic inference on absorbed-MLA / DeepSeek models needs a backend in the radix list;"
+        " server_args.py _handle_deterministic_inference before 0.5.20)"
+    ),
+    "choices": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/fields/model.py"
+        " (--kv-cache-dtype and --attention-backend choices; server_args.py before 0.5.20)"
+    ),
+    "kv_hooks": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/arg_groups/kv_cache_hook.py"
+        " (mxfp8 needs Blackwell; FP4 KV caches constrain prefill/decode backends)"
+    ),
+    "sm_checks": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/utils/common.py"
+        " _check_cuda_device_version (sm90 needs CUDA 12.3; sm100/sm110/sm120 need CUDA 12.8)"
+    ),
     "launcher": "mlaprop.server (the launcher owns --model-path, --host and --port)",
 }
 
@@ -75,6 +97,12 @@ class Capabilities:
             failed the allow-list check.
         rocm_fused_decode_mla_any_backend: ``SGLANG_ROCM_FUSED_DECODE_MLA`` applies to every backend (up to
             0.5.22), which breaks ``triton`` on ROCm; 0.5.23 applies it to ``aiter`` only.
+        attention_backends: the ``--attention-backend`` choices of this version among those mlaprop models
+            (``cutlass_mla`` up to 0.5.19, ``cutedsl_mla`` from 0.5.13).
+        kv_cache_dtypes: the ``--kv-cache-dtype`` choices (``fp4_e2m1`` 0.5.5-0.5.20; ``mxfp8``, ``nvfp4``,
+            ``fp4_mx_block16`` from 0.5.16).
+        kv_restrictions: backends that accept only some KV-cache dtypes (``trtllm_mla``: fp8_e4m3, fp4_e2m1,
+            bf16, auto; ``cutedsl_mla``: fp8_e4m3, bf16, bfloat16, auto); SGLang raises for others.
     """
 
     version: str
@@ -82,6 +110,16 @@ class Capabilities:
     radix_backends: frozenset[AttentionBackend]
     deterministic_resolves_first: bool
     rocm_fused_decode_mla_any_backend: bool
+    attention_backends: frozenset[AttentionBackend] = frozenset(AttentionBackend)
+    kv_cache_dtypes: frozenset[KVCacheDtype] = frozenset(KVCacheDtype)
+    kv_restrictions: tuple[tuple[AttentionBackend, frozenset[KVCacheDtype]], ...] = ()
+
+    def kv_allowed_with(self, backend: AttentionBackend) -> frozenset[KVCacheDtype] | None:
+        """The KV-cache dtypes ``backend`` accepts in this version, or ``None`` when it accepts all."""
+        for b, kinds in self.kv_restrictions:
+            if b is backend:
+                return kinds
+        return None
 
     def deterministic_allowlist(self) -> list[str]:
         """The allow-list as SGLang prints it, sorted: ``['fa3', 'flashinfer', 'triton']``."""
@@ -100,12 +138,29 @@ def _rules(version: str) -> Capabilities:
         radix.add(_B.FA4)
     if v >= Version("0.5.19"):
         det.add(_B.INTEL_XPU)
+    backends = set(AttentionBackend)
+    if v < Version("0.5.13"):
+        backends.discard(_B.CUTEDSL_MLA)
+    if v >= Version("0.5.20"):
+        backends.discard(_B.CUTLASS_MLA)
+    kv = {_K.AUTO, _K.FP8_E5M2, _K.FP8_E4M3, _K.BF16, _K.BFLOAT16}
+    if Version("0.5.5") <= v < Version("0.5.21"):
+        kv.add(_K.FP4_E2M1)
+    if v >= Version("0.5.16"):
+        kv |= {_K.MXFP8, _K.NVFP4, _K.FP4_MX_BLOCK16}
+    restrictions = (
+        (_B.TRTLLM_MLA, frozenset({_K.FP8_E4M3, _K.FP4_E2M1, _K.BF16, _K.AUTO})),
+        (_B.CUTEDSL_MLA, frozenset({_K.FP8_E4M3, _K.BF16, _K.BFLOAT16, _K.AUTO})),
+    )
     return Capabilities(
         version=version,
         deterministic_backends=frozenset(det),
         radix_backends=frozenset(radix),
         deterministic_resolves_first=v >= Version("0.5.12"),
         rocm_fused_decode_mla_any_backend=v < Version("0.5.23"),
+        attention_backends=frozenset(backends),
+        kv_cache_dtypes=frozenset(kv),
+        kv_restrictions=restrictions,
     )
 
 
@@ -169,10 +224,35 @@ def parse_arch(arch: str) -> tuple[str, int]:
     )
 
 
-def is_blackwell(arch: str) -> bool:
-    """SM100/SM103/SM110/SM120/SM121: SGLang's ``is_sm100_supported`` / ``is_sm120_supported`` family."""
+def cuda_at_least(cuda_version: str | None, minimum: str) -> bool:
+    """``torch.version.cuda`` is at least ``minimum``; an unknown CUDA version (``None``) counts as new enough."""
+    return cuda_version is None or Version(cuda_version) >= Version(minimum)
+
+
+def _major(arch: str) -> int | None:
     family, n = parse_arch(arch)
-    return family == "sm" and n >= 100
+    return n // 10 if family == "sm" else None
+
+
+def is_hopper(arch: str, cuda_version: str | None = None) -> bool:
+    """SGLang's ``is_sm90_supported`` / ``is_hopper_with_cuda_12_3``: compute capability 9.x and CUDA >= 12.3."""
+    return _major(arch) == 9 and cuda_at_least(cuda_version, "12.3")
+
+
+def is_sm100(arch: str, cuda_version: str | None = None) -> bool:
+    """SGLang's ``is_sm100_supported``: compute capability 10.x (B200, GB200, B300) and CUDA >= 12.8."""
+    return _major(arch) == 10 and cuda_at_least(cuda_version, "12.8")
+
+
+def is_sm120(arch: str, cuda_version: str | None = None) -> bool:
+    """SGLang's ``is_sm120_supported``: compute capability 12.x (RTX 50xx, GB10) and CUDA >= 12.8."""
+    return _major(arch) == 12 and cuda_at_least(cuda_version, "12.8")
+
+
+def is_blackwell(arch: str, cuda_version: str | None = None) -> bool:
+    """SGLang's ``is_blackwell``: compute capability 10.x, 11.x or 12.x and CUDA >= 12.8
+    (``srt/utils/common.py`` ``_check_cuda_device_version``)."""
+    return _major(arch) in (10, 11, 12) and cuda_at_least(cuda_version, "12.8")
 
 
 # Where each attention backend's kernels exist (NVIDIA by compute capability, AMD by vendor).
@@ -181,10 +261,12 @@ _AMD_ANY = frozenset({_B.AITER, _B.TRITON, _B.WAVE, _B.TORCH_NATIVE})
 
 
 def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str) -> bool:
-    """Whether ``backend`` has kernels for this GPU (SGLang's attention backend support matrix).
+    """Whether ``backend`` has kernels for this GPU (SGLang's attention backend support matrix), by
+    architecture alone: SGLang's own CUDA-version checks are applied where SGLang applies them.
 
     ``fa3`` needs Hopper (sm90); ``fa4`` sm100/sm110; ``flashmla`` sm90/sm100; ``cutlass_mla`` and
-    ``trtllm_mla`` sm100; ``aiter`` and ``wave`` ROCm only; ``ascend`` and ``intel_xpu`` neither vendor.
+    ``cutedsl_mla`` sm100; ``trtllm_mla`` Blackwell (sm100/sm110/sm120); ``aiter`` and ``wave`` ROCm only;
+    ``ascend`` and ``intel_xpu`` neither vendor.
     """
     if vendor is Vendor.AMD:
         return backend in _AMD_ANY
@@ -192,15 +274,15 @@ def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str) -> boo
         return False
     if backend in _NVIDIA_ANY:
         return True
-    family, n = parse_arch(arch)
-    if family != "sm":
-        return False
+    major = _major(arch)
     if backend is _B.FA3:
-        return n == 90
+        return major == 9
     if backend is _B.FA4:
-        return n in (100, 103, 110)
+        return major in (10, 11)
     if backend is _B.FLASHMLA:
-        return n in (90, 100, 103)
-    if backend in (_B.CUTLASS_MLA, _B.TRTLLM_MLA):
-        return n in (100, 103)
+        return major in (9, 10)
+    if backend in (_B.CUTLASS_MLA, _B.CUTEDSL_MLA):
+        return major == 10
+    if backend is _B.TRTLLM_MLA:
+        return major in (10, 11, 12)
     return False

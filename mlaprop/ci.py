@@ -5,7 +5,8 @@ SGLang reads ``SGLANG_IS_IN_CI_AMD`` twice, differently:
 - ``sglang/test/test_utils.py`` ``is_in_amd_ci()``: true when the lower-cased value is ``"true"`` or ``"1"``,
   false for everything else (the MLA FP8 test uses this one to leave the deterministic flag out);
 - ``sglang/srt/environ.py`` ``EnvBool`` (behind ``sglang.utils.is_in_ci``): true for ``true/1/yes/y``,
-  false for ``false/0/no/n``, anything else warns and falls back to the default (false).
+  false for ``false/0/no/n`` (lower-cased, not stripped), anything else warns and falls back to the
+  default (false).
 
 So ``SGLANG_IS_IN_CI_AMD=yes`` is false to the test file and true to the launcher. mlaprop treats the
 variable as an AMD signal when either parser says true, and reports the disagreement.
@@ -31,10 +32,11 @@ def is_in_amd_ci_test_utils(value: str | None) -> bool:
 
 def envbool(value: str | None, default: bool = False) -> bool:
     """SGLang's ``EnvBool`` for a raw value: ``true/1/yes/y`` -> True, ``false/0/no/n`` -> False
-    (case-insensitive, whitespace stripped), unset or anything else -> ``default``."""
+    (case-insensitive; surrounding whitespace is not stripped, so ``" 1"`` is unrecognised), unset or anything
+    else -> ``default``."""
     if value is None:
         return default
-    v = value.strip().lower()
+    v = value.lower()
     if v in _ENVBOOL_TRUE:
         return True
     if v in _ENVBOOL_FALSE:
@@ -63,13 +65,13 @@ class MarkerReading:
 
     @property
     def parsers_disagree(self) -> bool:
-        """The two SGLang parsers give different answers for this value (``"yes"``, ``" 1"``, ...)."""
+        """The two SGLang parsers give different answers for this value (``"yes"``, ``"y"``)."""
         return self.test_utils != self.envbool
 
     @property
     def unrecognised(self) -> bool:
         """Set, but neither a true nor a false spelling for ``EnvBool`` (SGLang warns and uses false)."""
-        return self.raw is not None and self.raw.strip().lower() not in _ENVBOOL_TRUE | _ENVBOOL_FALSE
+        return self.raw is not None and self.raw.lower() not in _ENVBOOL_TRUE | _ENVBOOL_FALSE
 
 
 def read_amd_marker(ci: CIMarkers) -> MarkerReading:

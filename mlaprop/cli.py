@@ -49,27 +49,27 @@ def shell_command(plan: LaunchPlan, *, host: str = "127.0.0.1", port: int | str 
         str(port),
     ]
     argv += list(plan.argv)
-    try:
-        from mlaprop.redact import redact_argv
+    from mlaprop.redact import redact_argv, redact_env
 
-        argv = list(redact_argv(argv))
-    except ImportError:  # pragma: no cover - redact ships with mlaprop
-        pass
-    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
+    argv = redact_argv(argv)
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(redact_env(plan.env).items())]
     return " ".join([*env, *(shlex.quote(a) for a in argv)])
 
 
 def plan_to_dict(plan: LaunchPlan) -> dict[str, Any]:
-    """A JSON-ready view of a plan (enums as their CLI spellings)."""
+    """A JSON-ready view of a plan for people and reports (enums as their CLI spellings, secret values such as
+    ``--api-key`` as ``***``); the launcher uses the plan itself."""
+    from mlaprop.redact import redact, redact_argv, redact_env
+
     return {
         "model": plan.model,
         "sglang_version": plan.sglang_version,
-        "argv": list(plan.argv),
-        "env": dict(plan.env),
+        "argv": redact_argv(plan.argv),
+        "env": redact_env(plan.env),
         "attention_backend": plan.attention_backend.value,
         "deterministic": plan.deterministic,
         "decisions": [
-            {"action": d.action.value, "subject": d.subject, "reason": d.reason, "source": d.source}
+            {"action": d.action.value, "subject": d.subject, "reason": redact(d.reason), "source": d.source}
             for d in plan.decisions
         ],
     }
@@ -136,8 +136,9 @@ def _environment_from_args(args: argparse.Namespace, environ: Mapping[str, str] 
         env["SGLANG_IS_IN_CI_AMD"] = args.ci_amd
     detected = detect_environment(env)
     gpus = args.gpus
-    if gpus is None and (args.vendor or args.arch) and detected.vendor is not Vendor.NONE:
-        gpus = max(detected.gpu_count, getattr(args, "tp", 1))  # a preview has as many GPUs as tp needs
+    if gpus is None and (args.vendor or args.arch) and detected.gpu_count > 0:
+        # A preview of another platform has as many GPUs as tp needs, unless the masks hide them all.
+        gpus = max(detected.gpu_count, getattr(args, "tp", 1))
     if gpus is not None:
         detected = replace(detected, gpu_count=gpus)
     return detected
@@ -188,8 +189,10 @@ def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) ->
         print(f"# {env.vendor} {env.arch} x{env.gpu_count}, SGLang {env.sglang_version} rules")
         print(f"# attention backend SGLang will resolve to: {plan.attention_backend}")
         print(f"# deterministic inference: {'on' if plan.deterministic else 'off'}")
+        from mlaprop.redact import redact
+
         for d in plan.decisions:
-            print(f"{d.action.value:>9}  {d.subject}: {d.reason}")
+            print(f"{d.action.value:>9}  {d.subject}: {redact(d.reason)}")
             print(f"{'':>9}  source: {d.source}")
     return EXIT_OK
 
@@ -267,10 +270,33 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         add(sub)
 
 
+#: Options whose value is itself a string of arguments, so it may start with "--".
+_STRING_OPTIONS = ("--server-args", "--sim-args")
+
+
+def _glue_string_options(tokens: list[str]) -> list[str]:
+    """``--server-args "--disable-cuda-graph"`` as ``--server-args=--disable-cuda-graph``: argparse would
+    otherwise read the value as an option and stop with "expected one argument"."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--":
+            out += tokens[i:]
+            break
+        if tok in _STRING_OPTIONS and i + 1 < len(tokens):
+            out.append(f"{tok}={tokens[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run ``mlaprop``; returns the exit code (0 ok, 1 failed gate, 2 usage/environment error)."""
     parser = build_parser()
-    tokens = list(sys.argv[1:] if argv is None else argv)
+    tokens = _glue_string_options(list(sys.argv[1:] if argv is None else argv))
     server_argv: list[str] = []
     if "--" in tokens:  # everything after -- goes to the SGLang server
         cut = tokens.index("--")
@@ -283,6 +309,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         kind = type(exc).__name__
         print(f"mlaprop: error: {kind}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mlaprop: interrupted", file=sys.stderr)
+        return 130
     return code
 
 

@@ -22,6 +22,9 @@ from mlaprop.capabilities import (
     backend_runs_on,
     capabilities_for,
     is_blackwell,
+    is_hopper,
+    is_sm100,
+    is_sm120,
     parse_arch,
 )
 from mlaprop.ci import read_amd_marker
@@ -37,9 +40,11 @@ from mlaprop.environment import (
     Vendor,
     parse_enum,
 )
+from mlaprop.redact import MASK, is_secret_name
 
 __all__ = [
     "DETERMINISTIC_FLAG",
+    "FP4_KV_CACHE_DTYPES",
     "UnsupportedCombination",
     "amd_signals",
     "compose",
@@ -50,6 +55,9 @@ __all__ = [
 DETERMINISTIC_FLAG = "--enable-deterministic-inference"
 _B = AttentionBackend
 _FOLDED = frozenset({"--attention-backend", "--kv-cache-dtype", "--tp-size", DETERMINISTIC_FLAG})
+#: KV-cache dtypes mlaprop does not compose: SGLang's FP4 KV caches constrain the prefill and decode backend
+#: pair, speculative decoding and cache tiers in ways an argument preview cannot check (kv_cache_hook.py).
+FP4_KV_CACHE_DTYPES = frozenset({KVCacheDtype.NVFP4, KVCacheDtype.FP4_MX_BLOCK16, KVCacheDtype.FP4_E2M1})
 
 
 class UnsupportedCombination(ValueError):
@@ -107,9 +115,11 @@ def resolve_backend(
     """Predict the attention backend SGLang resolves for an MLA model, step by step, as SGLang does.
 
     Order (``srt/arg_groups/pipeline.py``): up to 0.5.11 the platform default is filled in first and the
-    deterministic allow-list checked after; from 0.5.12 the deterministic pass picks ``triton`` (Blackwell,
-    DeepSeek-family), ``flashinfer`` (Blackwell, other models) or ``fa3`` (everything else, ROCm and
-    pre-Hopper CUDA included). Then ``fa3`` with ``fp8_e5m2`` KV becomes ``triton``.
+    deterministic allow-list checked after; from 0.5.12 the deterministic pass picks ``triton`` (SM100 or
+    SM120 with CUDA >= 12.8, DeepSeek-family), ``flashinfer`` (same GPUs, other models) or ``fa3``
+    (everything else, SM110, ROCm and pre-Hopper CUDA included). Then ``fa3`` with ``fp8_e5m2`` KV becomes
+    ``triton``. The platform default: ``fa3`` on Hopper with CUDA >= 12.3, ``flashinfer`` on SM100 with CUDA
+    >= 12.8, ``triton`` elsewhere; on ROCm ``aiter`` for 16 or 128 KV heads per rank, else ``triton``.
 
     Returns:
         the resolved backend and the :class:`Decision` (``PREDICTED``/``NOTED``) for each step.
@@ -126,7 +136,7 @@ def resolve_backend(
             Decision(Action.PREDICTED, "--attention-backend", f"explicit {backend}", SOURCES["hardware"])
         )
     elif deterministic and capabilities.deterministic_resolves_first:
-        if is_blackwell(arch) and not rocm:
+        if not rocm and (is_sm100(arch, cuda_version) or is_sm120(arch, cuda_version)):
             backend = _B.TRITON if deepseek_family else _B.FLASHINFER
         else:
             backend = _B.FA3
@@ -144,12 +154,13 @@ def resolve_backend(
             backend = _B.AITER if per_rank in (16, 128) else _B.TRITON
             why = f"ROCm default for MLA with {per_rank} KV heads per rank (aiter for 16 or 128, else triton)"
         else:
-            _, n = parse_arch(arch)
-            cuda_ok = cuda_version is None or Version(cuda_version) >= Version("12.3")
-            if n == 90 and cuda_ok:
+            if is_hopper(arch, cuda_version):
                 backend, why = _B.FA3, "Hopper (sm90) with CUDA >= 12.3 defaults to fa3"
-            elif n in (100, 103):
-                backend, why = _B.FLASHINFER, f"{arch} defaults to flashinfer for DeepseekV2 MLA"
+            elif is_sm100(arch, cuda_version):
+                backend, why = (
+                    _B.FLASHINFER,
+                    f"{arch} (SM100, CUDA >= 12.8) defaults to flashinfer for DeepseekV2 MLA",
+                )
             else:
                 backend, why = _B.TRITON, f"{arch} defaults to triton for MLA"
         steps.append(Decision(Action.PREDICTED, "--attention-backend", why, SOURCES["default_backend"]))
@@ -198,6 +209,38 @@ def _check_environment(env: Environment) -> bool:
     return env.vendor is Vendor.AMD or env.torch_hip
 
 
+def _major10_or_11(arch: str) -> bool:
+    family, n = parse_arch(arch)
+    return family == "sm" and n // 10 in (10, 11)
+
+
+def _check_choices(
+    caps: Capabilities, backend: AttentionBackend | None, kv: KVCacheDtype, rocm: bool, env: Environment
+) -> None:
+    """Refuse what this SGLang version's parser or KV-cache checks reject, and the FP4 KV caches."""
+    if kv not in caps.kv_cache_dtypes:
+        raise UnsupportedCombination(
+            f"SGLang {caps.version} has no --kv-cache-dtype {kv} (its parser exits 2); its choices: "
+            + ", ".join(sorted(k.value for k in caps.kv_cache_dtypes))
+        )
+    if backend is not None and backend not in caps.attention_backends:
+        raise UnsupportedCombination(
+            f"SGLang {caps.version} has no --attention-backend {backend} (its parser exits 2); MLA choices: "
+            + ", ".join(sorted(b.value for b in caps.attention_backends))
+        )
+    if kv in FP4_KV_CACHE_DTYPES:
+        raise UnsupportedCombination(
+            f"mlaprop does not compose the FP4 KV cache {kv}: SGLang ties it to specific prefill and decode "
+            "backends, GPUs and speculative settings that a flag preview cannot check (kv_cache_hook.py). Use "
+            "fp8_e4m3 or fp8_e5m2, or launch SGLang directly"
+        )
+    if kv is KVCacheDtype.MXFP8 and (rocm or not is_blackwell(env.arch, env.cuda_version)):
+        raise UnsupportedCombination(
+            f"--kv-cache-dtype mxfp8 needs an NVIDIA Blackwell GPU (SM100+, CUDA >= 12.8); this is "
+            f"{'ROCm' if rocm else 'NVIDIA'} {env.arch}. Use fp8_e4m3 or fp8_e5m2"
+        )
+
+
 def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[Decision]]:
     """Fold the user's extra arguments by name, last one wins; refuse launcher-owned options."""
     merged: dict[str, Option] = {}
@@ -205,15 +248,17 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
     for opt in parse_args(request.extra_args):
         if opt.name in LAUNCHER_OWNED:
             raise InvalidEnvironment(
-                f"{opt.name} is set by mlaprop's launcher and cannot be an extra argument: pass the model as "
-                "--model (mlaprop) and the port with --port to `mlaprop run`"
+                f"{opt.name} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
+                "unique prefixes such as --por as the full option): pass the model with mlaprop's --model; the "
+                "launcher picks a free port on 127.0.0.1 itself"
             )
         if opt.name in merged:
+            shown = MASK if is_secret_name(opt.name) else opt.value
             notes.append(
                 Decision(
                     Action.REPLACED,
                     opt.name,
-                    f"given more than once in the extra arguments; the last ({opt.value}) is used",
+                    f"given more than once in the extra arguments; the last ({shown}) is used",
                     "user extra arguments",
                 )
             )
@@ -307,7 +352,6 @@ def compose(
         )
         tp = int(raw_tp)
     user_forces_deterministic = DETERMINISTIC_FLAG in user
-
     # 2. Deterministic inference: on NVIDIA, never where any AMD signal is present.
     signals = amd_signals(environment)
     wanted = request.deterministic or user_forces_deterministic
@@ -359,7 +403,22 @@ def compose(
             Decision(Action.NOTED, DETERMINISTIC_FLAG, "deterministic inference not requested", "request")
         )
 
+    if tp > environment.gpu_count:
+        raise UnsupportedCombination(
+            f"tensor parallel size {tp} needs {tp} GPUs, but {environment.gpu_count} "
+            f"{'is' if environment.gpu_count == 1 else 'are'} visible: lower --tp, or make more GPUs visible "
+            "(CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES)"
+        )
+    if request.kv_heads % tp:
+        divisors = [str(d) for d in range(1, request.kv_heads + 1) if request.kv_heads % d == 0]
+        raise UnsupportedCombination(
+            f"tensor parallel size {tp} does not divide the model's {request.kv_heads} attention heads, so "
+            f"SGLang cannot shard them: use --tp {', '.join(divisors)}"
+        )
+
     # 3. Explicit backends must run here and pass SGLang's checks.
+    hw_vendor = Vendor.AMD if rocm else Vendor.NVIDIA
+    _check_choices(caps, backend, kv, rocm, environment)
     if backend is not None and deterministic and backend not in caps.deterministic_backends:
         allow = caps.deterministic_allowlist()
         raise UnsupportedCombination(
@@ -368,17 +427,60 @@ def compose(
             + deterministic_error(allow, backend.value)
             + " Pick one of the allow-list, or drop the backend and let mlaprop choose"
         )
-    hw_vendor = Vendor.AMD if rocm else Vendor.NVIDIA
-    if backend is not None and not backend_runs_on(backend, hw_vendor, environment.arch):
-        runnable = [b.value for b in AttentionBackend if backend_runs_on(b, hw_vendor, environment.arch)]
+    if (
+        backend is not None
+        and deterministic
+        and request.deepseek_family
+        and backend not in caps.radix_backends
+    ):
+        radix = sorted(b.value for b in caps.radix_backends)
         raise UnsupportedCombination(
-            f"attention backend {backend} has no kernels for {hw_vendor} {environment.arch}; backends that run "
-            f"there: {', '.join(runnable)}"
+            f"attention backend {backend} cannot be used with deterministic inference for a DeepSeek-family "
+            f"(absorbed MLA) model on SGLang {caps.version}: SGLang allows only {', '.join(radix)} there and "
+            "refuses to start. Pick one of those, or drop the backend and let mlaprop choose"
         )
-    if backend in (_B.TRTLLM_MLA, _B.CUTLASS_MLA) and kv is KVCacheDtype.FP8_E5M2:
+    # SGLang replaces fa3 + fp8_e5m2 by triton before anything runs, so judge the backend that will run.
+    runs = _B.TRITON if backend is _B.FA3 and kv is KVCacheDtype.FP8_E5M2 else backend
+    if runs is not None and not backend_runs_on(runs, hw_vendor, environment.arch):
+        runnable = [
+            b.value
+            for b in sorted(caps.attention_backends, key=lambda b: b.value)
+            if backend_runs_on(b, hw_vendor, environment.arch)
+        ]
         raise UnsupportedCombination(
-            f"attention backend {backend} accepts only fp8_e4m3, bf16 or auto KV cache, not fp8_e5m2; "
-            "use --kv-cache-dtype fp8_e4m3 or another backend"
+            f"attention backend {backend} has no kernels for {hw_vendor} {environment.arch}"
+            + f"; backends that run there: {', '.join(runnable)}"
+        )
+    # SGLang's own guards, which also check the CUDA version (srt/utils/common.py).
+    if backend is _B.TRTLLM_MLA and not is_blackwell(environment.arch, environment.cuda_version):
+        raise UnsupportedCombination(
+            f"attention backend trtllm_mla needs a Blackwell GPU (SM100/SM110/SM120) with CUDA >= 12.8; this is "
+            f"{environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to start. Use triton"
+        )
+    if (
+        backend is _B.FA4
+        and deterministic
+        and request.deepseek_family
+        and not (
+            _major10_or_11(environment.arch) and is_blackwell(environment.arch, environment.cuda_version)
+        )
+    ):
+        raise UnsupportedCombination(
+            "deterministic inference with absorbed-MLA models on the fa4 attention backend needs SM100/SM110 with "
+            f"CUDA >= 12.8; this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to "
+            "start. Use triton"
+        )
+    if backend is _B.CUTEDSL_MLA and not is_sm100(environment.arch, environment.cuda_version):
+        raise UnsupportedCombination(
+            f"attention backend cutedsl_mla needs SM100 with CUDA >= 12.8; this is {environment.arch} with CUDA "
+            f"{environment.cuda_version}: SGLang refuses to start. Use triton"
+        )
+    allowed_kv = caps.kv_allowed_with(backend) if backend is not None else None
+    if allowed_kv is not None and kv not in allowed_kv:
+        choices = sorted(k.value for k in allowed_kv & caps.kv_cache_dtypes)
+        raise UnsupportedCombination(
+            f"attention backend {backend} accepts only {', '.join(choices)} KV cache on SGLang {caps.version}, "
+            f"not {kv}; use --kv-cache-dtype fp8_e4m3 or another backend"
         )
 
     # 4. Predict SGLang's resolution; set the backend only where SGLang's own choice cannot run.
@@ -396,7 +498,26 @@ def compose(
     )
     decisions += steps
     backend_flag = backend
-    if backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch):
+    if (
+        backend is None
+        and deterministic
+        and request.deepseek_family
+        and predicted not in caps.radix_backends
+        and backend_runs_on(predicted, hw_vendor, environment.arch)
+    ):
+        radix = sorted(b.value for b in caps.radix_backends)
+        decisions.append(
+            Decision(
+                Action.ADDED,
+                "--attention-backend",
+                f"SGLang {caps.version} would fill in its default {predicted} and then refuse it for "
+                f"deterministic inference on a DeepSeek-family model (radix list {radix}); triton is in every "
+                "radix list",
+                SOURCES["pipeline_order"] + "; " + SOURCES["radix"],
+            )
+        )
+        backend_flag = predicted = _B.TRITON
+    elif backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch):
         decisions.append(
             Decision(
                 Action.ADDED,
@@ -435,15 +556,6 @@ def compose(
     if tp > 1:
         argv += ["--tp-size", str(tp)]
         decisions.append(Decision(Action.ADDED, "--tp-size", f"tensor parallel over {tp} GPUs", "request"))
-        if tp > environment.gpu_count:
-            decisions.append(
-                Decision(
-                    Action.NOTED,
-                    "--tp-size",
-                    f"tp {tp} needs {tp} GPUs but {environment.gpu_count} are visible; SGLang will fail to start",
-                    "mlaprop.detect",
-                )
-            )
     if backend_flag is not None:
         argv += ["--attention-backend", backend_flag.value]
     if deterministic:

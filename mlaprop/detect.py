@@ -150,7 +150,7 @@ def parse_device_mask(value: str | None) -> tuple[str, ...] | None:
             if kept:
                 break
             continue
-        if entry.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", entry):
             if int(entry) < 0:
                 break
         elif not re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]+", entry):
@@ -183,9 +183,9 @@ def apply_device_masks(
         mask = parse_device_mask(environ.get(name))
         if mask is None:
             continue
-        indices = [int(e) for e in mask if e.isdigit()]
+        indices = [int(e) for e in mask if re.fullmatch(r"[0-9]+", e)]
         in_range = [i for i in indices if i < count]
-        uuids = [e for e in mask if not e.isdigit()]
+        uuids = [e for e in mask if not re.fullmatch(r"[0-9]+", e)]
         new = min(count, len(in_range) + len(uuids)) if (indices or uuids) else 0
         if len(in_range) < len(indices):
             notes.append(

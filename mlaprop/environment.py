@@ -54,10 +54,13 @@ class Vendor(_Choice):
 
 
 class AttentionBackend(_Choice):
-    """SGLang's ``--attention-backend`` choices (``srt/server_args.py`` / ``srt/arg_groups/choices.py``)."""
+    """SGLang's ``--attention-backend`` choices that matter for MLA models (``srt/server_args.py`` /
+    ``srt/arg_groups/choices.py``); which ones a given SGLang version accepts is in
+    :attr:`mlaprop.capabilities.Capabilities.attention_backends`."""
 
     AITER = "aiter"
     ASCEND = "ascend"
+    CUTEDSL_MLA = "cutedsl_mla"
     CUTLASS_MLA = "cutlass_mla"
     FA3 = "fa3"
     FA4 = "fa4"
@@ -71,7 +74,8 @@ class AttentionBackend(_Choice):
 
 
 class KVCacheDtype(_Choice):
-    """SGLang's ``--kv-cache-dtype`` choices (argparse rejects others with exit code 2)."""
+    """SGLang's ``--kv-cache-dtype`` choices over all known versions (argparse rejects others with exit code 2);
+    which ones a given version accepts is in :attr:`mlaprop.capabilities.Capabilities.kv_cache_dtypes`."""
 
     AUTO = "auto"
     FP8_E5M2 = "fp8_e5m2"
@@ -81,6 +85,7 @@ class KVCacheDtype(_Choice):
     BFLOAT16 = "bfloat16"
     NVFP4 = "nvfp4"
     FP4_MX_BLOCK16 = "fp4_mx_block16"
+    FP4_E2M1 = "fp4_e2m1"
 
 
 class Action(_Choice):

@@ -26,6 +26,8 @@ __all__ = ["MASK", "is_secret_name", "redact", "redact_argv", "redact_env"]
 MASK = "***"
 
 _SECRET_NAMES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "TOKEN", "SECRET", "PASSWORD"})
+#: Secret flags of ``sglang.launch_server``; argparse also accepts any unique prefix of them (``--api-ke``).
+_SECRET_FLAGS = ("--api-key", "--admin-api-key", "--hf-token")
 _SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 
 # A secret-named key, as an env var, a flag (dashes) or a Python attribute, optionally quoted, then
@@ -40,11 +42,23 @@ _ASSIGNMENT = re.compile(
     (?P<value>[^\s'",)}}\]]+)
     """
 )
-# A flag followed by its value as the next word: "--api-key VALUE".
-_FLAG_SPACE = re.compile(
-    r"(?i)(?<![A-Za-z0-9_-])(?P<key>--[A-Za-z0-9-]*(?:api-key|-token|-secret|-password))(?P<sep>\s+)"
-    r"(?P<value>(?!--)[^\s'\"]+)"
+# A secret-named key with a quoted value, which may hold spaces and commas: api_key='my secret,key'.
+_QUOTED = re.compile(
+    rf"""(?ix)
+    (?<![A-Za-z0-9_-])
+    (?P<key>(?:--)?(?:{_NAME}))
+    (?P<sep>['"]?\s*[=:]\s*)
+    (?P<quote>['"])(?P<value>[^'"\n]*)(?P=quote)
+    """
 )
+# Any flag followed by its value as the next word ("--api-key VALUE", "--api-ke 'a b'"); masked when the
+# flag names a secret (see is_secret_name).
+_FLAG_SPACE = re.compile(
+    r"(?<![A-Za-z0-9_-])(?P<key>--[A-Za-z0-9][A-Za-z0-9-]*)(?P<sep>\s+)"
+    r"(?P<value>(?!--)(?:'[^'\n]*'|\"[^\"\n]*\"|[^\s'\"]+))"
+)
+# Any flag with "=value": masked when the flag names a secret.
+_FLAG_EQ = re.compile(r"(?<![A-Za-z0-9_-])(?P<key>--[A-Za-z0-9][A-Za-z0-9-]*)(?P<sep>=)(?P<value>[^\s]+)")
 _AUTHORIZATION = re.compile(
     r"(?i)(?P<key>\bauthorization)(?P<sep>['\"]?\s*[:=]\s*['\"]?(?:(?:bearer|basic|token)\s+)?)"
     r"(?P<value>[^\s'\",)}\]]+)"
@@ -61,14 +75,35 @@ def _mask_value(match: re.Match[str]) -> str:
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a variable or flag name (``HF_TOKEN``, ``--api-key``, ``api_key``) names a secret."""
-    key = name.strip().lstrip("-").replace("-", "_").upper()
-    return key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)
+    """Whether a variable or flag name (``HF_TOKEN``, ``--api-key``, ``api_key``) names a secret; a flag
+    that argparse would expand to a secret flag (``--api-ke``, ``--admin-api``) counts too."""
+    stripped = name.strip()
+    key = stripped.lstrip("-").replace("-", "_").upper()
+    if key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES):
+        return True
+    if stripped.startswith("--") and len(stripped) >= 5:
+        return any(f.startswith(stripped.lower()) for f in _SECRET_FLAGS)
+    return False
+
+
+def _mask_quoted(match: re.Match[str]) -> str:
+    if not match.group("value"):
+        return match.group(0)
+    q = match.group("quote")
+    return f"{match.group('key')}{match.group('sep')}{q}{MASK}{q}"
+
+
+def _mask_flag(match: re.Match[str]) -> str:
+    if not is_secret_name(match.group("key")):
+        return match.group(0)
+    return _mask_value(match)
 
 
 def redact(text: str) -> str:
     """``text`` with every secret value (see the module docstring) replaced by ``***``."""
-    text = _FLAG_SPACE.sub(_mask_value, text)
+    text = _QUOTED.sub(_mask_quoted, text)
+    text = _FLAG_SPACE.sub(_mask_flag, text)
+    text = _FLAG_EQ.sub(_mask_flag, text)
     text = _ASSIGNMENT.sub(_mask_value, text)
     text = _AUTHORIZATION.sub(_mask_value, text)
     text = _BEARER.sub(_mask_value, text)

@@ -53,6 +53,7 @@ class TestCompose:
             "--tp",
             "2",
             "--json",
+            "--no-deterministic",
             "--server-args",
             "--attention-backend flashinfer --api-key sk-123",
         )
@@ -61,7 +62,7 @@ class TestCompose:
         assert data["attention_backend"] == "flashinfer"
         assert data["argv"].count("--attention-backend") == 1
         assert data["argv"][data["argv"].index("--tp-size") + 1] == "2"
-        assert data["deterministic"] is True
+        assert data["deterministic"] is False
 
     @pytest.mark.parametrize(
         ("argv", "match"),
@@ -135,3 +136,77 @@ def test_console_script_runs_as_a_process():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("--enable-deterministic-inference")
+
+
+class TestFoundByNewUsers:
+    """Regressions from a fresh user's attempts to break the CLI."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            (
+                "compose",
+                "--arch",
+                "sm90",
+                "--explain",
+                "--server-args=--api-key sekrit123 --api-key othersecret456",
+            ),
+            ("compose", "--arch", "sm90", "--json", "--server-args=--api-key sekrit123"),
+            (
+                "compose",
+                "--arch",
+                "sm90",
+                "--json",
+                "--",
+                "--admin-api-key",
+                "sekrit123",
+                "--hf-token",
+                "sekrit123",
+            ),
+            ("compose", "--arch", "sm90", "--", "--api-ke", "sekrit123"),
+        ],
+    )
+    def test_secrets_never_printed(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Secret option values (duplicates, --json, other secret flags, argparse prefixes) print as ***."""
+        code, out, err = _run(capsys, *argv)
+        assert code == 0, err
+        assert "sekrit123" not in out + err and "othersecret456" not in out + err
+        assert "***" in out
+
+    @pytest.mark.parametrize("flag", ["--por", "--hos", "--model-pa"])
+    def test_prefixes_of_launcher_options_are_refused(self, capsys, flag):  # type: ignore[no-untyped-def]
+        """SGLang's argparse expands unique prefixes; --por is --port and is refused like it."""
+        code, _, err = _run(capsys, "compose", "--arch", "sm90", "--", flag, "1234")
+        assert code == 2
+        assert "is set by mlaprop's launcher" in err
+
+    def test_string_options_take_a_value_starting_with_dashes(self, capsys):  # type: ignore[no-untyped-def]
+        """``--server-args "--disable-cuda-graph"`` works without the ``=`` form."""
+        code, out, err = _run(capsys, "compose", "--arch", "sm90", "--server-args", "--disable-cuda-graph")
+        assert code == 0, err
+        assert out.splitlines()[0].endswith("--disable-cuda-graph")
+
+    def test_preview_respects_masks_hiding_every_gpu(self, capsys):  # type: ignore[no-untyped-def]
+        """``CUDA_VISIBLE_DEVICES=-1`` with --vendor/--arch is refused like with MLAPROP_VENDOR/MLAPROP_ARCH."""
+        for environ, argv in (
+            ({"CUDA_VISIBLE_DEVICES": "-1"}, ("compose", "--vendor", "nvidia", "--arch", "sm90")),
+            (
+                {"CUDA_VISIBLE_DEVICES": "-1", "MLAPROP_VENDOR": "nvidia", "MLAPROP_ARCH": "sm90"},
+                ("compose",),
+            ),
+        ):
+            code, _, err = _run(capsys, *argv, environ=environ)
+            assert code == 2 and "hide every device" in err
+
+    @pytest.mark.parametrize(
+        ("argv", "match"),
+        [
+            (("compose", "--arch", "sm90", "--tp", "4", "--gpus", "2"), "needs 4 GPUs, but 2 are visible"),
+            (("compose", "--arch", "sm90", "--tp", "3"), "does not divide the model's 16 attention heads"),
+            (("compose", "--arch", "sm90", "--tp", "32"), "does not divide the model's 16 attention heads"),
+        ],
+    )
+    def test_impossible_tp_is_refused(self, capsys, argv, match):  # type: ignore[no-untyped-def]
+        """tp beyond the visible GPUs, or not dividing the heads, is refused before any launch."""
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and match in err

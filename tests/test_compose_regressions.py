@@ -235,3 +235,108 @@ def test_newer_sglang_than_known_uses_newest_rules_and_says_so():
     plan = compose(Environment(sglang_version="0.6.1"))
     assert plan.deterministic
     assert any("newer than the newest version mlaprop knows" in d.reason for d in plan.decisions)
+
+
+# Rules found by the contract suite (tests/contract) against SGLang 0.5.11 and 0.5.23's own pipeline.
+@pytest.mark.parametrize(
+    ("env", "request_", "flag_backend", "predicted"),
+    [
+        pytest.param(
+            Environment(arch="sm100", cuda_version="12.8", sglang_version="0.5.11"),
+            LaunchRequest(),
+            "triton",
+            B.TRITON,
+            id="b200-0.5.11-default-flashinfer-fails-radix",
+        ),
+        pytest.param(
+            Environment(arch="sm100", cuda_version="12.8", sglang_version="0.5.23"),
+            LaunchRequest(),
+            None,
+            B.TRITON,
+            id="b200-0.5.23-deterministic-fallback-triton",
+        ),
+        pytest.param(
+            Environment(arch="sm100", cuda_version="12.4", sglang_version="0.5.23"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.FP8_E4M3),
+            "triton",
+            B.TRITON,
+            id="blackwell-old-cuda-falls-back-to-fa3-without-kernels",
+        ),
+        pytest.param(
+            Environment(arch="sm110", cuda_version="13.0", sglang_version="0.5.23"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.AUTO),
+            "triton",
+            B.TRITON,
+            id="sm110-deterministic-fallback-is-fa3",
+        ),
+        pytest.param(
+            Environment(arch="sm80", sglang_version="0.5.23"),
+            LaunchRequest(attention_backend=B.FA3),
+            "fa3",
+            B.TRITON,
+            id="explicit-fa3-with-fp8-e5m2-runs-as-triton-off-hopper",
+        ),
+        pytest.param(
+            Environment(arch="sm100", cuda_version="12.8", sglang_version="0.5.23"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.MXFP8),
+            None,
+            B.TRITON,
+            id="mxfp8-on-blackwell",
+        ),
+    ],
+)
+def test_contract_found_rules(env, request_, flag_backend, predicted):  # type: ignore[no-untyped-def]
+    """Plans where SGLang's real pipeline showed the right answer: the explicit backend mlaprop sets (if any)
+    and the backend SGLang resolves to."""
+    plan = compose(env, request_)
+    assert plan.option("--attention-backend") == flag_backend
+    assert plan.attention_backend is predicted
+
+
+@pytest.mark.parametrize(
+    ("env", "request_", "match"),
+    [
+        pytest.param(
+            Environment(sglang_version="0.5.23"),
+            LaunchRequest(attention_backend=B.FLASHINFER),
+            r"DeepSeek-family .* SGLang allows only ascend, fa3, fa4, triton",
+            id="flashinfer-deterministic-deepseek",
+        ),
+        pytest.param(
+            Environment(sglang_version="0.5.23", arch="sm100"),
+            LaunchRequest(attention_backend=B.CUTLASS_MLA, deterministic=False),
+            "SGLang 0.5.23 has no --attention-backend cutlass_mla",
+            id="cutlass-mla-gone-in-0.5.20",
+        ),
+        pytest.param(
+            Environment(sglang_version="0.5.11"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.MXFP8),
+            "SGLang 0.5.11 has no --kv-cache-dtype mxfp8",
+            id="mxfp8-not-a-choice-in-0.5.11",
+        ),
+        pytest.param(
+            Environment(sglang_version="0.5.23"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.MXFP8),
+            "mxfp8 needs an NVIDIA Blackwell GPU",
+            id="mxfp8-on-hopper",
+        ),
+        pytest.param(
+            Environment(sglang_version="0.5.23", arch="sm100"),
+            LaunchRequest(kv_cache_dtype=KVCacheDtype.NVFP4),
+            "does not compose the FP4 KV cache nvfp4",
+            id="fp4-kv-is-policy",
+        ),
+        pytest.param(
+            Environment(sglang_version="0.5.23", arch="sm100"),
+            LaunchRequest(
+                attention_backend=B.TRTLLM_MLA, deterministic=False, kv_cache_dtype=KVCacheDtype.BFLOAT16
+            ),
+            "trtllm_mla accepts only auto, bf16, fp8_e4m3",
+            id="trtllm-mla-rejects-bfloat16-spelling",
+        ),
+    ],
+)
+def test_contract_found_refusals(env, request_, match):  # type: ignore[no-untyped-def]
+    """Requests SGLang itself rejects (or mlaprop's FP4 policy) are refused before any launch, saying why."""
+    with pytest.raises(UnsupportedCombination, match=match):
+        compose(env, request_)

@@ -34,11 +34,14 @@ class TestCIMarkerParsers:
             ("false", False, False),
             ("", False, False),
             ("on", False, False),
-            (" 1", False, True),
+            (" 1", False, False),
+            (" true ", False, False),
+            ("Y", False, True),
         ],
     )
     def test_both_parsers_match_sglang(self, raw, test_utils, env_bool):  # type: ignore[no-untyped-def]
-        """``is_in_amd_ci`` accepts only true/1; ``EnvBool`` accepts true/1/yes/y (stripped)."""
+        """``is_in_amd_ci`` accepts only true/1; ``EnvBool`` accepts true/1/yes/y (lower-cased, not
+        stripped, as ``sglang/srt/environ.py`` does)."""
         assert is_in_amd_ci_test_utils(raw) is test_utils
         assert envbool(raw) is env_bool
         reading = read_amd_marker(CIMarkers(None, raw))
@@ -60,6 +63,9 @@ class TestDeviceMasks:
             ("-1", ()),
             ("GPU-6f1a2b3c-aaaa,1", ("GPU-6f1a2b3c-aaaa", "1")),
             ("a,b", ()),
+            ("--0", ()),
+            ("²", ()),
+            ("0,²,1", ("0",)),
         ],
     )
     def test_parse_device_mask_follows_the_cuda_runtime(self, value, kept):  # type: ignore[no-untyped-def]

@@ -8,13 +8,10 @@ Runs in ``tox -e gpu-nvidia`` against real SGLang (any version rejects ``aiter``
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mlaprop.compose import UnsupportedCombination, compose
@@ -26,35 +23,15 @@ from tests.gpu.conftest import GpuConfig
 pytestmark = [pytest.mark.gpu, pytest.mark.nvidia]
 
 
-class _ExitWatcher(threading.Thread):
-    """Polls this process's children every 5 ms and records (monotonic time) when each one exits, i.e. first
-    shows as a zombie or is gone: the reference for how fast the launcher reports an exit."""
-
-    def __init__(self) -> None:
-        super().__init__(name="exit-watcher", daemon=True)
-        self.exited_at: dict[int, float] = {}
-        self._seen: dict[int, psutil.Process] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self._halt.wait(0.005):
-            with contextlib.suppress(psutil.Error):
-                for child in me.children():
-                    self._seen.setdefault(child.pid, child)
-            for pid, proc in self._seen.items():
-                if pid in self.exited_at:
-                    continue
-                try:
-                    done = proc.status() == psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    done = True
-                if done:
-                    self.exited_at[pid] = time.monotonic()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=2)
+#: Runs the server command, then writes the wall-clock time of its exit to the file named by the
+#: environment variable before exiting with its exit code: the reference for how fast the launcher reports.
+_EXIT_STAMP_SHIM = """
+import os, subprocess, sys, time
+code = subprocess.call(sys.argv[1:])
+with open(os.environ["MLAPROP_TEST_EXIT_STAMP"], "w") as f:
+    f.write(repr(time.time()))
+sys.exit(code)
+"""
 
 
 RAW_ARGV = (
@@ -94,25 +71,29 @@ def test_aiter_with_deterministic_is_refused_by_compose_and_by_sglang(
     )
     log = tmp_path / "seed-failure.log"
     prefix = SIMSERVER_COMMAND if cfg.simulate else DEFAULT_COMMAND_PREFIX
-    watcher = _ExitWatcher()
-    watcher.start()
-    started = time.monotonic()
-    try:
-        with (
-            pytest.raises(ServerExited) as exited,
-            launch(raw, command_prefix=prefix, log_path=log, ready_timeout=600, grace=10),
-        ):
-            pytest.fail("the server became ready with aiter + deterministic inference")
-        reported_at = time.monotonic()
-    finally:
-        watcher.stop()
+    shim = tmp_path / "exit_stamp.py"
+    shim.write_text(_EXIT_STAMP_SHIM)
+    stamp = tmp_path / "exit-stamp"
+    started = time.time()
+    with (
+        pytest.raises(ServerExited) as exited,
+        launch(
+            raw,
+            command_prefix=(sys.executable, str(shim), *prefix),
+            env={"MLAPROP_TEST_EXIT_STAMP": str(stamp)},
+            log_path=log,
+            ready_timeout=600,
+            grace=10,
+        ),
+    ):
+        pytest.fail("the server became ready with aiter + deterministic inference")
+    reported_at = time.time()
     err = exited.value
-    exited_at = watcher.exited_at.get(err.pid)
-    assert exited_at is not None, f"the watcher never saw server pid {err.pid} exit"
+    exited_at = float(stamp.read_text())
     exit_to_error = reported_at - exited_at
     print(
         f"\nseed failure: exit code {err.returncode} after {exited_at - started:.1f} s; reported "
-        f"{exit_to_error:.3f} s after the process exited\n{err.headline}\nlog tail:\n"
+        f"{exit_to_error:.3f} s after the server exited\n{err.headline}\nlog tail:\n"
         + "\n".join(err.log_tail[-5:]),
         file=sys.stderr,
     )

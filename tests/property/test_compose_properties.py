@@ -11,8 +11,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mlaprop.args import SWITCHES, VALUE_OPTIONS, parse_args
-from mlaprop.capabilities import KNOWN_VERSIONS, backend_runs_on, capabilities_for
-from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, amd_signals, compose
+from mlaprop.capabilities import KNOWN_VERSIONS, backend_runs_on, capabilities_for, is_blackwell, is_sm100
+from mlaprop.compose import (
+    DETERMINISTIC_FLAG,
+    FP4_KV_CACHE_DTYPES,
+    UnsupportedCombination,
+    amd_signals,
+    compose,
+)
 from mlaprop.environment import (
     Action,
     AttentionBackend,
@@ -67,9 +73,9 @@ class TestDeterministicFlag:
 
     @given(env=S.nvidia_without_amd_signal(), req=S.default_requests())
     def test_flag_always_reaches_nvidia_without_amd_signal(self, env, req):
-        """On NVIDIA with no AMD signal, a request that wants deterministic inference and forces no backend
-        always gets the flag."""
-        plan = compose(env, req)
+        """On NVIDIA with no AMD signal, a request that wants deterministic inference, forces no backend and
+        asks for a KV dtype every GPU accepts (on enough GPUs for its tp) always gets the flag."""
+        plan = compose(replace(env, gpu_count=max(env.gpu_count, req.tp_size)), req)
         assert DETERMINISTIC_FLAG in plan.argv
         assert plan.deterministic
 
@@ -84,8 +90,8 @@ class TestDeterministicFlag:
         is in none) raises ``UnsupportedCombination`` naming the backend and every allowed backend."""
         caps = capabilities_for(env.sglang_version)
         req = LaunchRequest(attention_backend=backend)
-        if backend in caps.deterministic_backends:
-            return
+        if backend in caps.deterministic_backends or backend not in caps.attention_backends:
+            return  # allowed, or not even a choice of this version (refused for that, tested elsewhere)
         with pytest.raises(UnsupportedCombination) as err:
             compose(env, req)
         msg = str(err.value)
@@ -304,6 +310,44 @@ SWEEP_BACKENDS = (None, *AttentionBackend)
 SWEEP_TP = (1, 2)
 
 
+def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool) -> bool:  # type: ignore[no-untyped-def]
+    """A refusal is only ever for a KV dtype this version or GPU lacks (or an FP4 KV cache), or an explicit
+    backend that cannot work here: not a choice of this version, no kernels (after SGLang's fa3 + fp8_e5m2 ->
+    triton switch), outside the deterministic or radix list while deterministic, or its KV restriction."""
+    kv, backend = req.kv_cache_dtype, req.attention_backend
+    hw = Vendor.AMD if (env.vendor is Vendor.AMD or env.torch_hip) else Vendor.NVIDIA
+    if req.tp_size > env.gpu_count or req.kv_heads % req.tp_size:
+        return True
+    if kv not in caps.kv_cache_dtypes or kv in FP4_KV_CACHE_DTYPES:
+        return True
+    if kv is KVCacheDtype.MXFP8 and (hw is Vendor.AMD or not is_blackwell(env.arch, env.cuda_version)):
+        return True
+    if backend is None:
+        return False
+    runs = (
+        AttentionBackend.TRITON if (backend, kv) == (AttentionBackend.FA3, KVCacheDtype.FP8_E5M2) else backend
+    )
+    deterministic = req.deterministic and not amd
+    allowed_kv = caps.kv_allowed_with(backend)
+    guarded = (
+        (backend is AttentionBackend.TRTLLM_MLA and not is_blackwell(env.arch, env.cuda_version))
+        or (backend is AttentionBackend.CUTEDSL_MLA and not is_sm100(env.arch, env.cuda_version))
+        or (
+            backend is AttentionBackend.FA4
+            and deterministic
+            and not (env.arch in ("sm100", "sm103", "sm110") and is_blackwell(env.arch, env.cuda_version))
+        )
+    )
+    return (
+        guarded
+        or backend not in caps.attention_backends
+        or not backend_runs_on(runs, hw, env.arch)
+        or (deterministic and backend not in caps.deterministic_backends)
+        or (deterministic and req.deepseek_family and backend not in caps.radix_backends)
+        or (allowed_kv is not None and kv not in allowed_kv)
+    )
+
+
 def sweep() -> tuple[int, int, int]:
     """Run the exhaustive sweep, asserting the invariants on every point; returns (points, plans, refusals)."""
     points = plans = refusals = 0
@@ -328,14 +372,8 @@ def sweep() -> tuple[int, int, int]:
                 plan = compose(env, req)
             except UnsupportedCombination as exc:
                 refusals += 1
-                # A refusal is only ever for an explicit backend that cannot work here.
-                assert backend is not None, (env, req, exc)
-                assert backend.value in str(exc)
-                assert (
-                    (not backend_runs_on(backend, hw, arch))
-                    or (not amd and backend not in caps.deterministic_backends)
-                    or kv is KVCacheDtype.FP8_E5M2
-                ), (env, req, exc)
+                assert _refusal_is_justified(env, req, caps, amd), (env, req, exc)
+                assert (backend is not None and backend.value in str(exc)) or kv.value in str(exc), exc
                 continue
             plans += 1
             assert (DETERMINISTIC_FLAG in plan.argv) is (not amd), (env, req)
@@ -356,7 +394,7 @@ def test_exhaustive_sweep_holds_every_invariant():
         SWEEP_BACKENDS
     ) * len(KVCacheDtype) * len(SWEEP_TP)
     assert plans > 0 and refusals > 0
-    # With no explicit backend nothing is ever refused: every platform gets a plan.
-    assert plans >= len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(KVCacheDtype) * len(
-        SWEEP_TP
-    )
+    # With no explicit backend and a KV dtype every GPU accepts, nothing is refused: every platform gets a plan.
+    assert plans >= len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(
+        S.UNIVERSAL_KV
+    ) * len(SWEEP_TP)

@@ -1,0 +1,1 @@
+"""Contract tests: mlaprop plans against the installed SGLang's own argument pipeline."""
