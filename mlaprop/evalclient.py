@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import math
 import random
 import socket
 import sys
@@ -97,8 +98,9 @@ class ClientConfig:
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         for name in ("request_timeout_s", "connect_timeout_s", "alive_poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # nan compares false with everything
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
         if self.max_consecutive_errors < 1:
             raise ValueError(f"max_consecutive_errors must be >= 1, got {self.max_consecutive_errors}")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -227,9 +227,10 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
     read as simple-evals reads it (``line.strip().split("\\t")``).
 
     Raises:
-        InvalidDataset: empty file; not UTF-8 (or UTF-16); a blank line between rows; a row without exactly
-            two tab-separated columns; an empty question; a target that is not an integer (``18``,
-            ``-5`` or ``2,125``). The message names the file, the line, the problem and the fix.
+        InvalidDataset: empty file; not UTF-8 (or UTF-16); CR-only line ends or a stray CR inside a row; a
+            blank line between rows; a row without exactly two tab-separated columns; an empty question or
+            answer; a target that is not an integer (``18``, ``-5`` or ``2,125``). The message names the
+            file, the line, the problem and the fix.
         ValueError: unknown ``lang``.
     """
     _check_lang(lang)
@@ -247,6 +248,18 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
         lines.pop()
     items: list[MgsmItem] = []
     for lineno, raw in enumerate(lines, start=1):
+        if "\r" in raw.rstrip("\r"):
+            cr_only = len(lines) == 1 or all("\r" in ln.rstrip("\r") for ln in lines if ln.strip())
+            raise InvalidDataset(
+                path,
+                lineno,
+                "the line ends are carriage returns only (old Mac style), so the file reads as one line"
+                if cr_only
+                else "a carriage return (CR) inside the line",
+                "Convert the line ends to LF, for example `tr '\\r' '\\n' < in.tsv > out.tsv`."
+                if cr_only
+                else "Remove it: rows end with LF or CRLF, and a question holds no CR.",
+            )
         row = raw.rstrip("\r").strip()
         if not row:
             raise InvalidDataset(
@@ -256,6 +269,19 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
                 "Remove it: every line must be `question<TAB>answer`.",
             )
         cols = row.split("\t")
+        if len(cols) == 1 and "\t" in raw:  # the TAB was at an end and strip() took it
+            before, _, after = raw.strip(" \r\n").partition("\t")
+            if not after.strip():
+                raise InvalidDataset(
+                    path,
+                    lineno,
+                    "the answer is empty (nothing after the TAB)",
+                    "Each line needs an integer answer after the TAB, such as `question<TAB>18`.",
+                )
+            if not before.strip():
+                raise InvalidDataset(
+                    path, lineno, "the question is empty", "Each line needs a question before the TAB."
+                )
         if len(cols) != 2:
             fix = (
                 "Separate the question and the answer with one TAB character (not spaces)."
@@ -282,11 +308,26 @@ def parse_dataset(data: bytes, lang: str = "en", path: str = "<bytes>") -> tuple
     return tuple(items)
 
 
+_FILE_NAME = re.compile(r"mgsm_([a-z]{2})\.tsv", re.IGNORECASE)
+
+
+def _wrong_language(path: Path, lang: str, other: str, why: str) -> InvalidDataset:
+    return InvalidDataset(
+        path,
+        None,
+        f"{why} MGSM-{other}, but the language asked for is {lang}",
+        f"Pass --lang {other} to evaluate this file, or give the MGSM-{lang} file "
+        f"(mgsm_{lang}.tsv) to --dataset.",
+    )
+
+
 def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
     """Read and validate an MGSM TSV file.
 
     Raises:
-        InvalidDataset: the file is missing, unreadable or malformed (see :func:`parse_dataset`).
+        InvalidDataset: the file is missing, unreadable or malformed (see :func:`parse_dataset`), or it is
+            another language's: named ``mgsm_<other>.tsv``, or byte for byte another language's published
+            file (the prompt and the answer prefix would be ``lang``'s, and the score meaningless).
         ValueError: unknown ``lang``.
     """
     _check_lang(lang)
@@ -301,8 +342,14 @@ def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
         ) from None
     except OSError as exc:
         raise InvalidDataset(p, None, f"cannot be read ({exc.strerror})", "Check its permissions.") from None
-    items = parse_dataset(data, lang=lang, path=str(p))
     digest = hashlib.sha256(data).hexdigest()
+    for other, pinned in DATASET_SHA256.items():
+        if digest == pinned and other != lang:
+            raise _wrong_language(p, lang, other, "it is the published file of")
+    named = _FILE_NAME.fullmatch(p.name)
+    if named and named.group(1).lower() in LANGUAGES and named.group(1).lower() != lang:
+        raise _wrong_language(p, lang, named.group(1).lower(), "its name says")
+    items = parse_dataset(data, lang=lang, path=str(p))
     return MgsmDataset(
         lang=lang, path=str(p), sha256=digest, items=items, canonical=digest == DATASET_SHA256[lang]
     )

@@ -4,11 +4,15 @@
 determinism check) passed; 1 the gate or determinism failed, the eval could not finish (the server died,
 too many failed requests, a verdict failed requests could flip), or the server failed to start or stop;
 2 a usage or environment error (bad dataset, dataset unavailable, impossible plan, no GPU), found before any
-server is launched. :func:`evaluate` runs the same eval against a server someone else started.
+server is launched; 130 interrupted (Ctrl-C: the partial report is written, then 130 is returned). A SIGTERM
+while the server runs ends the process with 143 (:class:`mlaprop.server.Terminated`) after teardown.
+:func:`evaluate` runs the same eval against a server someone else started.
 
 Both write ``summary.json`` and ``items.jsonl`` to the report folder as they go: what finished is on disk
-before any error propagates. ``run`` also keeps the server's log there as ``server.log``, redacted after
-teardown (:func:`mlaprop.redact.redact`).
+before any error propagates, and ``exit_code`` in the summary is what the process exits with. ``run`` also
+keeps the server's log there as ``server.log`` (a fresh one each run), redacted after teardown
+(:func:`mlaprop.redact.redact`). Verdict and progress lines go to ``out`` (stdout); errors, each one line
+naming the cause, go to ``err`` (stderr).
 """
 
 from __future__ import annotations
@@ -16,23 +20,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import math
+import os
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from mlaprop import __version__
 from mlaprop.determinism import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_PREFIX_LENGTHS,
+    LONG_PROMPT,
     DeterminismResult,
     check_determinism,
 )
 from mlaprop.environment import Environment, InvalidEnvironment, LaunchPlan, LaunchRequest, Vendor
-from mlaprop.evalclient import ClientConfig, EvalAborted, EvalResult, run_mgsm
+from mlaprop.evalclient import ClientConfig, EvalAborted, EvalResult, ItemRecord, run_mgsm
 from mlaprop.mgsm import LANGUAGES, DatasetUnavailable, InvalidDataset, MgsmDataset, Parser, resolve_dataset
 from mlaprop.redact import redact
 from mlaprop.report import (
@@ -47,6 +55,7 @@ from mlaprop.stats import DEFAULT_GATE, Verdict
 
 __all__ = [
     "EXIT_FAIL",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
     "SIMSERVER_COMMAND",
@@ -55,12 +64,15 @@ __all__ = [
     "EvalOptions",
     "RunOptions",
     "add_cli_commands",
+    "check_base_url",
     "evaluate",
     "run",
     "smoke_request",
 ]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: Ctrl-C (128 + SIGINT), the shell's convention.
+EXIT_INTERRUPTED = 130
 
 #: The simulated SGLang server (``--simulate``).
 SIMSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "mlaprop.simserver")
@@ -173,12 +185,19 @@ def smoke_request(request: LaunchRequest, model_dir: Path) -> LaunchRequest:
 
 
 class _Job:
-    """The summary being built, written to disk at every step."""
+    """The summary being built, written to disk at every step.
 
-    def __init__(self, command: str, opts: EvalOptions, out: TextIO) -> None:
+    Raises:
+        OSError: the report folder cannot be created or written (see :func:`_new_job`).
+    """
+
+    def __init__(self, command: str, opts: EvalOptions, out: TextIO, err: TextIO) -> None:
         self.out = out
+        self.err = err
         self.opts = opts
         self.started = time.monotonic()
+        self.stage = "dataset"
+        self.records: list[ItemRecord] = []  # MGSM items as they finish (the partial result of an interrupt)
         self.writer = ReportWriter(opts.report_dir, opts.parser)
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {
@@ -204,6 +223,9 @@ class _Job:
     def say(self, line: str) -> None:
         print(redact(line), file=self.out, flush=True)
 
+    def error(self, line: str) -> None:
+        print(redact(line), file=self.err, flush=True)
+
     def step(self, name: str, since: float) -> None:
         self.timings[name] = round(time.monotonic() - since, 3)
 
@@ -211,12 +233,33 @@ class _Job:
         self.timings["total"] = round(time.monotonic() - self.started, 3)
         self.writer.write_summary(self.summary)
 
-    def finish(self, status: str, code: int, message: str) -> int:
+    def finish(self, status: str, code: int, message: str, *, error: bool = False) -> int:
+        """Record the outcome and print ``message`` (to ``err`` when ``error``) and where the report is."""
         self.summary.update(status=status, exit_code=code, message=message)
         self.save()
         self.writer.close()
-        self.say(message)
+        (self.error if error else self.say)(message)
         self.say(f"report: {self.writer.summary_path} (items: {self.writer.items_path})")
+        return code
+
+    def record(self, record: ItemRecord) -> None:
+        self.records.append(record)
+        self.writer.record(record)
+
+    def stopped(self, exc: BaseException) -> int:
+        """Record an exception that ends the job (interrupt, ``SystemExit``, a bug) with the exit code the
+        process will end with; returns that code."""
+        code = _exit_code_of(exc)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.summary["status"] == "running":
+            status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "error"
+            self.summary["error"] = {"stage": self.stage, "type": type(exc).__name__, "message": str(exc)}
+            self.finish(status, code, f"mlaprop: {status} ({detail}); partial report kept", error=True)
+        elif self.summary["exit_code"] != code:  # after the verdict (during teardown)
+            self.summary["exit_code"] = code
+            self.summary["message"] = f"{self.summary['message']}; then ended by {detail}"
+            self.save()
+            self.error(f"mlaprop: ended by {detail} after the verdict; exit code {code}")
         return code
 
     def eval_mgsm(
@@ -229,6 +272,8 @@ class _Job:
             f"gate {opts.gate:g} by the {Parser(opts.parser).value} parser"
         )
         since = time.monotonic()
+        self.stage = "mgsm"
+        self.records = []
         try:
             result = run_mgsm(
                 base_url,
@@ -236,13 +281,21 @@ class _Job:
                 config=config,
                 model=opts.model,
                 is_alive=is_alive,
-                on_record=self.writer.record,
+                on_record=self.record,
                 limit=opts.limit,
             )
         except EvalAborted as exc:
             self.step("mgsm", since)
             if isinstance(exc.partial, EvalResult):
                 self.summary["mgsm"] = mgsm_summary(exc.partial, opts.parser, opts.gate)
+            self.save()
+            raise
+        except BaseException as exc:  # Ctrl-C, SIGTERM: what was answered goes into the summary
+            self.step("mgsm", since)
+            why = f"interrupted ({type(exc).__name__})"
+            done = tuple(sorted(self.records, key=lambda r: r.index))
+            partial = EvalResult(dataset.lang, n, done, time.monotonic() - since, opts.model or "", why)
+            self.summary["mgsm"] = mgsm_summary(partial, opts.parser, opts.gate)
             self.save()
             raise
         self.step("mgsm", since)
@@ -272,6 +325,7 @@ class _Job:
     ) -> DeterminismResult:
         opts = self.opts
         since = time.monotonic()
+        self.stage = "determinism"
         result = check_determinism(
             base_url,
             batch_sizes=opts.batch_sizes,
@@ -320,13 +374,87 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _exit_code_of(exc: BaseException) -> int:
+    """The status a process ends with when ``exc`` ends it: 130 for Ctrl-C, a ``SystemExit``'s code (143
+    for :class:`mlaprop.server.Terminated`), 1 for a traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAIL)
+    return EXIT_FAIL
+
+
+def _report_dir_problem(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be the report folder, and what to pass instead."""
+    if path.exists() and not path.is_dir():
+        return f"--report-dir {path} is a file, not a folder; pass a folder (it is created if missing)"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return (
+                    f"--report-dir {path} is under {parent}, which is a file, so no folder can be made there; "
+                    "pass a folder path whose parents are folders"
+                )
+            break
+    reason = exc.strerror or str(exc)
+    return f"--report-dir {path} cannot be created or written ({reason}); pass a folder you can write to"
+
+
+def _new_job(command: str, opts: EvalOptions, out: TextIO, err: TextIO) -> _Job | None:
+    """The job, or ``None`` (and one error line on ``err``) when the report folder cannot be used."""
+    try:
+        return _Job(command, opts, out, err)
+    except OSError as exc:
+        print(f"mlaprop: error: {redact(_report_dir_problem(Path(opts.report_dir), exc))}", file=err)
+        return None
+
+
+def _finite(value: float, *, positive: bool) -> bool:
+    return math.isfinite(value) and (value > 0 if positive else value >= 0)
+
+
+def _option_problem(opts: EvalOptions, run_opts: RunOptions | None = None) -> str | None:
+    """What is wrong with the options, checked before anything is written or launched (``None``: nothing).
+
+    The command line refuses these in its argument types already; this catches them for library callers.
+    """
+    try:
+        opts.client_config()
+    except ValueError as exc:
+        return f"{exc}; pass --concurrency >= 1, --request-timeout > 0 and --max-error-rate within [0, 1]"
+    if not str(opts.report_dir).strip():
+        return "--report-dir is empty; pass a folder path"
+    if opts.limit is not None and opts.limit < 1:
+        return f"--limit must be >= 1, got {opts.limit}"
+    if not (isinstance(opts.gate, (int, float)) and 0.0 <= opts.gate <= 1.0):
+        return f"--gate must be within [0, 1], got {opts.gate}"
+    if not opts.batch_sizes or any(b < 1 for b in opts.batch_sizes):
+        sizes = ",".join(map(str, opts.batch_sizes)) or "(none)"
+        return f"--batch-sizes must list whole numbers >= 1, got {sizes}"
+    if any(not 1 <= n <= len(LONG_PROMPT) for n in opts.prefix_lengths):
+        return (
+            f"--prefix-lengths must be between 1 and {len(LONG_PROMPT)} characters, "
+            f"got {','.join(map(str, opts.prefix_lengths))}"
+        )
+    if run_opts is not None:
+        if not _finite(run_opts.ready_timeout_s, positive=True):
+            return f"--ready-timeout must be a number of seconds > 0, got {run_opts.ready_timeout_s}"
+        if not _finite(run_opts.grace_s, positive=False):
+            return f"the teardown grace must be a number of seconds >= 0, got {run_opts.grace_s}"
+        if not _finite(run_opts.sim_latency_s, positive=False):
+            return f"--sim-latency must be a number of seconds >= 0, got {run_opts.sim_latency_s}"
+        if not 0.0 <= run_opts.sim_accuracy <= 1.0:
+            return f"--sim-accuracy must be within [0, 1], got {run_opts.sim_accuracy}"
+    return None
+
+
 def _load_dataset(job: _Job, opts: EvalOptions) -> MgsmDataset | None:
     since = time.monotonic()
     try:
         dataset = resolve_dataset(opts.lang, opts.dataset, download=not opts.offline)
     except (InvalidDataset, DatasetUnavailable) as exc:
         job.summary["error"] = {"stage": "dataset", "type": type(exc).__name__, "message": str(exc)}
-        job.finish("error", EXIT_USAGE, f"mlaprop: dataset error: {exc}")
+        job.finish("error", EXIT_USAGE, f"mlaprop: dataset error: {exc}", error=True)
         return None
     job.step("dataset", since)
     job.summary["dataset"] = dataset_summary(dataset)
@@ -361,16 +489,45 @@ def run(
     *,
     plan_to_dict: Callable[[LaunchPlan], dict[str, Any]] | None = None,
     out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """The main job. Returns the exit code (0 pass, 1 failed, 2 usage/environment error; see the module).
+    """The main job. Returns the exit code (0 pass, 1 failed, 2 usage/environment error, 130 interrupted;
+    see the module).
 
-    Dataset and plan problems are found before any server is launched. The server is always torn down.
-    ``plan_to_dict`` renders the plan into the report (default: :func:`mlaprop.cli.plan_to_dict`).
+    Option, report-folder, dataset and plan problems are found before any server is launched (one
+    ``mlaprop: error:`` line on ``err``, exit 2). The server is always torn down. ``plan_to_dict`` renders the
+    plan into the report (default: :func:`mlaprop.cli.plan_to_dict`). ``out`` (default stdout) gets progress
+    and the verdict, ``err`` (default stderr) the errors.
 
     Raises:
-        KeyboardInterrupt, mlaprop.server.Terminated: after the server is torn down and the partial
-            summary written (status ``interrupted``).
+        mlaprop.server.Terminated: SIGTERM while the server ran, after teardown and the partial summary
+            (status ``interrupted``, exit code 143). Ctrl-C is not raised: the same happens and 130 is
+            returned.
     """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    problem = _option_problem(opts, run_opts)
+    if problem is not None:
+        print(f"mlaprop: error: {problem}", file=err)
+        return EXIT_USAGE
+    job = _new_job("run --simulate" if run_opts.simulate else "run", opts, out, err)
+    if job is None:
+        return EXIT_USAGE
+    try:
+        return _run_job(job, run_opts, opts, plan_to_dict)
+    except KeyboardInterrupt as exc:
+        return job.stopped(exc)
+    except BaseException as exc:
+        job.stopped(exc)
+        raise
+
+
+def _run_job(
+    job: _Job,
+    run_opts: RunOptions,
+    opts: EvalOptions,
+    plan_to_dict: Callable[[LaunchPlan], dict[str, Any]] | None,
+) -> int:
     from mlaprop import server as srv
     from mlaprop.cli import plan_to_dict as default_render
     from mlaprop.compose import UnsupportedCombination, compose
@@ -380,11 +537,11 @@ def run(
 
     render = plan_to_dict or default_render
 
-    job = _Job("run --simulate" if run_opts.simulate else "run", opts, out or sys.stdout)
     dataset = _load_dataset(job, opts)
     if dataset is None:
         return EXIT_USAGE
     since = time.monotonic()
+    job.stage = "compose"
     try:
         env = run_opts.environment or detect_environment(run_opts.environ)
         request = run_opts.request
@@ -405,7 +562,7 @@ def run(
             preflight(env, expect=None, model=plan.model, environ=run_opts.environ)
     except (InvalidEnvironment, UnsupportedCombination, PreflightError, TinyModelError) as exc:
         job.summary["error"] = {"stage": "compose", "type": type(exc).__name__, "message": str(exc)}
-        return job.finish("error", EXIT_USAGE, f"mlaprop: {type(exc).__name__}: {exc}")
+        return job.finish("error", EXIT_USAGE, f"mlaprop: error: {type(exc).__name__}: {exc}", error=True)
     job.step("compose", since)
     wants_det = plan.deterministic if opts.determinism is None else opts.determinism
     job.say(
@@ -418,14 +575,27 @@ def run(
     )
     extra = _sim_args(env, dataset, run_opts) if run_opts.simulate else []
     config = opts.client_config(plan.option("--api-key"))
+    log_path = opts.report_dir / "server.log"
+    try:  # the launcher appends: each run starts its own log
+        log_path.unlink(missing_ok=True)
+    except OSError as exc:
+        job.summary["error"] = {"stage": "launch", "type": type(exc).__name__, "message": str(exc)}
+        return job.finish(
+            "error",
+            EXIT_USAGE,
+            f"mlaprop: error: cannot replace the previous server log {log_path} ({exc.strerror or exc}); "
+            "remove it, or pass another --report-dir",
+            error=True,
+        )
     since = time.monotonic()
+    job.stage = "launch"
     code: int | None = None
     try:
         with srv.launch(
             plan,
             command_prefix=prefix,
             extra_args=extra,
-            log_path=opts.report_dir / "server.log",
+            log_path=log_path,
             echo=run_opts.echo_server_log,
             ready_timeout=run_opts.ready_timeout_s,
             grace=run_opts.grace_s,
@@ -448,6 +618,7 @@ def run(
                 det = job.check_determinism(server.base_url, config, server.alive) if wants_det else None
                 code = job.verdict(result, det)
             since = time.monotonic()
+            job.stage = "teardown"
         job.step("teardown", since)
         job.save()
         return code
@@ -456,21 +627,17 @@ def run(
         job.summary["teardown_error"] = str(exc)
         job.summary.update(status="teardown-failed", exit_code=EXIT_FAIL)
         job.save()
-        job.say(f"mlaprop: server teardown failed: {exc.headline}")
+        job.error(f"mlaprop: server teardown failed: {exc.headline}")
         return EXIT_FAIL
     except srv.ServerError as exc:  # could not start (teardown failures are handled above)
         job.step("launch", since)
         job.summary["error"] = {"stage": "launch", "type": type(exc).__name__, "message": str(exc)}
-        return job.finish("server-failed", EXIT_FAIL, f"mlaprop: the server failed: {exc.headline}")
-    except BaseException as exc:
-        if job.summary["status"] == "running":
-            status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "error"
-            job.summary["error"] = {"stage": "run", "type": type(exc).__name__, "message": str(exc)}
-            job.finish(status, EXIT_FAIL, f"mlaprop: {status} ({type(exc).__name__}); partial report kept")
-        raise
+        return job.finish(
+            "server-failed", EXIT_FAIL, f"mlaprop: the server failed: {exc.headline}", error=True
+        )
     finally:
         with contextlib.suppress(OSError):  # the raw log holds what the server printed, secrets included
-            redact_file(opts.report_dir / "server.log")
+            redact_file(log_path)
 
 
 def _aborted(job: _Job, exc: EvalAborted, tail: Sequence[str]) -> int:
@@ -484,43 +651,144 @@ def _aborted(job: _Job, exc: EvalAborted, tail: Sequence[str]) -> int:
         "message": exc.reason,
         "log_tail": list(tail),
     }
-    return job.finish("aborted", EXIT_FAIL, f"verdict: ABORTED - {exc.reason} ({done})")
+    return job.finish("aborted", EXIT_FAIL, f"verdict: ABORTED - {exc.reason} ({done})", error=True)
 
 
-def evaluate(base_url: str, opts: EvalOptions, *, out: TextIO | None = None) -> int:
+def evaluate(
+    base_url: str, opts: EvalOptions, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """``mlaprop eval``: the MGSM eval (and, with ``opts.determinism``, the determinism check) against a
-    running server at ``base_url``. Returns the exit code (0 pass, 1 failed or aborted, 2 dataset error).
+    running server at ``base_url``. Returns the exit code (0 pass, 1 failed or aborted, 2 usage or dataset
+    error, 130 interrupted: the partial report is written first). ``out`` and ``err`` as in :func:`run`.
     """
-    job = _Job(f"eval --base-url {base_url}", opts, out or sys.stdout)
-    dataset = _load_dataset(job, opts)
-    if dataset is None:
-        return EXIT_USAGE
-    job.summary["server"] = {"base_url": base_url}
-    config = opts.client_config()
+    out = out or sys.stdout
+    err = err or sys.stderr
     try:
-        result = job.eval_mgsm(base_url, dataset, config, None)
-    except EvalAborted as exc:
-        return _aborted(job, exc, ())
+        base_url = check_base_url(base_url)
+    except ValueError as exc:
+        print(f"mlaprop: error: --base-url: {exc}", file=err)
+        return EXIT_USAGE
+    problem = _option_problem(opts)
+    if problem is not None:
+        print(f"mlaprop: error: {problem}", file=err)
+        return EXIT_USAGE
+    job = _new_job(f"eval --base-url {base_url}", opts, out, err)
+    if job is None:
+        return EXIT_USAGE
+    try:
+        dataset = _load_dataset(job, opts)
+        if dataset is None:
+            return EXIT_USAGE
+        job.summary["server"] = {"base_url": base_url}
+        config = opts.client_config()
+        try:
+            result = job.eval_mgsm(base_url, dataset, config, None)
+        except EvalAborted as exc:
+            return _aborted(job, exc, ())
+        det = job.check_determinism(base_url, config, None) if opts.determinism else None
+        return job.verdict(result, det)
+    except KeyboardInterrupt as exc:
+        return job.stopped(exc)
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "error"
-        job.summary["error"] = {"stage": "mgsm", "type": type(exc).__name__, "message": str(exc)}
-        job.finish(status, EXIT_FAIL, f"mlaprop: {status} ({type(exc).__name__}); partial report kept")
+        job.stopped(exc)
         raise
-    det = job.check_determinism(base_url, config, None) if opts.determinism else None
-    return job.verdict(result, det)
+
+
+def check_base_url(text: str) -> str:
+    """``text`` if it is an ``http://`` or ``https://`` URL with a host (and a valid port, if any).
+
+    Raises:
+        ValueError: what is wrong, and an example of a good one.
+    """
+    example = "such as http://127.0.0.1:30000"
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(f"the URL is empty; pass the server's address, {example}")
+    parts = urllib.parse.urlsplit(stripped)
+    if parts.scheme not in ("http", "https"):
+        hint = f" (did you mean http://{stripped}?)" if "://" not in stripped else ""
+        raise ValueError(f"{text!r} is not an http:// or https:// URL{hint}; pass one {example}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1:
+        what = "no host" if not parts.hostname else "an invalid port"
+        raise ValueError(f"{text!r} has {what}; pass a URL {example}")
+    return stripped
 
 
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def _numbers(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 1,2,4, got {text!r}"
+        ) from None
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    values = _numbers(text)
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected one or more batch sizes >= 1 such as 1,2,4,8,16, got {text!r}"
+        )
+    return values
+
+
+def _prefix_lengths(text: str) -> tuple[int, ...]:
+    values = _numbers(text)
+    if any(not 0 <= v <= len(LONG_PROMPT) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected lengths between 0 (skip) and {len(LONG_PROMPT)} characters, got {text!r}"
+        )
     return tuple(v for v in values if v > 0)
+
+
+def _seconds(text: str, *, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not _finite(value, positive=positive):
+        want = "> 0" if positive else ">= 0"
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds {want}, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, positive=True)
+
+
+def _non_negative_seconds(text: str) -> float:
+    return _seconds(text, positive=False)
+
+
+def _report_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "the path is empty; pass a folder, such as --report-dir mlaprop-report"
+        )
+    return Path(text)
+
+
+def _shell_words(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid shell quoting ({exc}): {text!r}; close every quote, e.g. --sim-args='--sim-seed 3'"
+        ) from None
+
+
+def _url(text: str) -> str:
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -565,7 +833,7 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
     )
     g.add_argument(
         "--request-timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         metavar="S",
         help="per-request timeout (default: %(default)s)",
@@ -578,7 +846,10 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
         help="stop once failed requests pass this share (default: %(default)s)",
     )
     g.add_argument(
-        "--report-dir", type=Path, default=Path("mlaprop-report"), help="report folder (default: %(default)s)"
+        "--report-dir",
+        type=_report_dir,
+        default=Path("mlaprop-report"),
+        help="report folder (default: %(default)s)",
     )
     g.add_argument(
         "--served-model", metavar="NAME", help="model name in requests (default: first of /v1/models)"
@@ -595,11 +866,15 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
     else:
         d.add_argument("--determinism", action="store_true", help="also run the determinism check")
     d.add_argument(
-        "--batch-sizes", type=_sizes, default=DEFAULT_BATCH_SIZES, metavar="N,N", help="default: 1,2,4,8,16"
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=DEFAULT_BATCH_SIZES,
+        metavar="N,N",
+        help="determinism batch sizes, each >= 1 (default: 1,2,4,8,16)",
     )
     d.add_argument(
         "--prefix-lengths",
-        type=_sizes,
+        type=_prefix_lengths,
         default=DEFAULT_PREFIX_LENGTHS,
         metavar="N,N",
         help="shared-prefix prompt lengths in characters; 0 skips (default: 1,511,2048,4097)",
@@ -619,7 +894,7 @@ def _eval_options(args: argparse.Namespace, determinism: bool | None, api_key: s
         max_error_rate=args.max_error_rate,
         report_dir=args.report_dir,
         determinism=determinism,
-        batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
+        batch_sizes=args.batch_sizes,
         prefix_lengths=args.prefix_lengths,
         model=args.served_model,
         api_key=api_key,
@@ -646,7 +921,7 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
         simulate=args.simulate,
         sim_accuracy=args.sim_accuracy,
         sim_latency_s=args.sim_latency,
-        sim_args=tuple(shlex.split(args.sim_args)),
+        sim_args=args.sim_args,
         ready_timeout_s=args.ready_timeout,
         echo_server_log=args.server_log,
         smoke=args.smoke,
@@ -658,11 +933,30 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
 
 
 def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
-    import os
-
     env = os.environ if environ is None else environ
-    api_key = env.get(args.api_key_env) if args.api_key_env else None
+    api_key = None
+    if args.api_key_env:
+        api_key = env.get(args.api_key_env)
+        if not api_key:
+            state = "is not set" if api_key is None else "is empty"
+            print(
+                f"mlaprop: error: --api-key-env {args.api_key_env}: the environment variable "
+                f"{args.api_key_env} {state}; export it with the server's --api-key, or leave out "
+                "--api-key-env for a server without a key",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     return evaluate(args.base_url, _eval_options(args, bool(args.determinism), api_key))
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Usage errors of ``parser`` print one ``mlaprop: error:`` line (no usage block) and exit 2, so the
+    first line on stderr names the cause."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(EXIT_USAGE, f"mlaprop: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
 
 
 def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -673,7 +967,7 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "run",
         help="launch the server, run MGSM (and the determinism check), report, tear down",
         description="detect -> compose -> launch -> MGSM -> determinism -> report -> teardown. "
-        "Exit 0 pass, 1 failed, 2 usage or environment error.",
+        "Exit 0 pass, 1 failed, 2 usage or environment error, 130 interrupted.",
     )
     cli._add_platform_options(p_run)
     cli._add_request_options(p_run)
@@ -693,17 +987,21 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     s.add_argument(
         "--sim-latency",
-        type=float,
+        type=_non_negative_seconds,
         default=0.02,
         metavar="S",
         help="simulated seconds per request (default: 0.02)",
     )
     s.add_argument(
-        "--sim-args", default="", metavar="ARGS", help="more --sim-* flags for the simulated server"
+        "--sim-args",
+        type=_shell_words,
+        default=(),
+        metavar="ARGS",
+        help="more --sim-* flags for the simulated server, as one shell-quoted string",
     )
     s.add_argument(
         "--ready-timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         metavar="S",
         help="server start timeout (default: %(default)s)",
@@ -716,13 +1014,17 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         f"{SMOKE_QUESTIONS} questions (or --limit) and report the score without gating",
     )
     p_run.set_defaults(func=_cmd_run)
+    _one_line_errors(p_run)
 
     p_eval = sub.add_parser(
         "eval",
         help="run the MGSM eval against a running server",
-        description="MGSM eval against a server someone else started. Exit 0 pass, 1 failed, 2 dataset error.",
+        description="MGSM eval against a server someone else started. Exit 0 pass, 1 failed, 2 usage or "
+        "dataset error, 130 interrupted.",
     )
-    p_eval.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:30000")
+    p_eval.add_argument(
+        "--base-url", required=True, type=_url, help="the server, e.g. http://127.0.0.1:30000"
+    )
     p_eval.add_argument(
         "--api-key-env",
         metavar="VAR",
@@ -730,3 +1032,4 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _add_eval_options(p_eval, in_run=False)
     p_eval.set_defaults(func=_cmd_eval)
+    _one_line_errors(p_eval)

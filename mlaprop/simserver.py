@@ -75,6 +75,7 @@ Endpoints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -86,10 +87,11 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO, cast
 
 from packaging.version import Version
@@ -229,14 +231,19 @@ class DatasetRow:
 
 
 def load_dataset(path: str | os.PathLike[str]) -> tuple[DatasetRow, ...]:
-    """Read an MGSM TSV (``question<TAB>integer``; ``2,125`` reads as 2125; blank lines skipped).
+    """Read an MGSM TSV (``question<TAB>integer``; ``2,125`` reads as 2125; blank lines skipped; a UTF-8
+    byte-order mark and CRLF line ends are accepted).
 
     Raises:
         ValueError: a line without a tab or whose answer is not an integer (the message names the line).
         OSError: the file cannot be read.
     """
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig drops a byte-order mark (else the first question never matches a prompt); lines are split on
+    # LF only and a CR before it dropped, as mlaprop.mgsm reads the file
+    text = Path(path).read_text(encoding="utf-8-sig")
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r")
         if not line.strip():
             continue
         question, tab, answer = line.rpartition("\t")
@@ -767,6 +774,36 @@ def _load_model(config: _Config) -> None:
         )
 
 
+def _fileno(out: TextIO) -> int | None:
+    try:
+        return out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+def _sigterm_handler(
+    fd: int | None, end: Callable[[int], object] = os._exit
+) -> Callable[[int, FrameType | None], None]:
+    """The server's SIGTERM handler: one log line written straight to ``fd``, then ``end(0)`` (``os._exit``).
+
+    It takes no lock: a second SIGTERM runs the handler again on the main thread, inside the first one, and a
+    handler that waited for the (non-reentrant) log lock there would wait for ever. ``os.write`` bypasses
+    ``out``'s buffer, so what other threads left unflushed is lost, not interleaved.
+    """
+    said = False
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        nonlocal said
+        if not said and fd is not None:
+            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] Received SIGTERM; shutting down.\n"
+            with contextlib.suppress(OSError):
+                os.write(fd, line.encode())
+            said = True  # after the write: a signal that re-enters before it writes the line again, not never
+        end(0)
+
+    return on_sigterm
+
+
 def _serve(config: _Config, out: TextIO) -> int:
     args = config.args
     state = _State(config, out)
@@ -789,12 +826,7 @@ def _serve(config: _Config, out: TextIO) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         state.log("ignoring SIGTERM (--sim-ignore-sigterm)")
     else:
-
-        def on_sigterm(signum: int, frame: object) -> None:
-            state.log("Received SIGTERM; shutting down.")
-            os._exit(0)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, _sigterm_handler(_fileno(out)))
 
     def become_ready() -> None:
         if args.sim_never_healthy:

@@ -99,7 +99,8 @@ class Score:
         gate: the threshold ``score`` must reach.
         margin: ``score - gate`` (negative when short).
         questions_to_gate: ``correct`` minus the fewest right answers out of ``n`` that meet the gate
-            (negative: that many questions short; 0: exactly at the gate).
+            (negative: that many questions short; 0: the gate is met with no question to spare, one right
+            answer fewer would miss it; the score may still lie above the gate, as 3/3 does for 0.8).
     """
 
     correct: int
@@ -125,20 +126,26 @@ class Score:
     def describe(self) -> str:
         """One line: ``0.784 (196/250, ±0.026 s.e., 95% CI 0.729-0.831), 4 questions short of the 0.8 gate``.
 
-        Ends with a note when the gate lies inside the interval.
+        Where the score stands: ``N questions short of``, ``exactly at`` (the score equals the gate),
+        ``meets ... with no question to spare`` (above the gate, but one right answer fewer would miss it,
+        e.g. 3/3 against 0.8) or ``N questions above``. Ends with a note when the gate lies inside the interval.
         """
+        gate = f"the {self.gate:g} gate"
         if self.questions_to_gate < 0:
-            where = (
-                f"{-self.questions_to_gate} question{'s' if self.questions_to_gate != -1 else ''} short of"
-            )
+            short = -self.questions_to_gate
+            where = f"{short} question{'s' if short != 1 else ''} short of {gate}"
+        elif self.questions_to_gate == 0 and Fraction(self.correct, self.n) == _gate_fraction(self.gate):
+            where = f"exactly at {gate}"
         elif self.questions_to_gate == 0:
-            where = "exactly at"
+            where = f"meets {gate} with no question to spare"
         else:
-            where = f"{self.questions_to_gate} question{'s' if self.questions_to_gate != 1 else ''} above"
+            where = (
+                f"{self.questions_to_gate} question{'s' if self.questions_to_gate != 1 else ''} above {gate}"
+            )
         noise = "; the gate is inside the interval (within noise)" if self.gate_in_interval else ""
         return (
             f"{self.score:.3f} ({self.correct}/{self.n}, ±{self.stderr:.3f} s.e., "
-            f"95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), {where} the {self.gate:g} gate{noise}"
+            f"95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), {where}{noise}"
         )
 
 

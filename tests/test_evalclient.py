@@ -147,6 +147,12 @@ class TestHttpClient:
         with pytest.raises(ValueError):
             ClientConfig(**bad)
 
+    @pytest.mark.parametrize("value", [0.0, -5.0, float("nan"), float("inf")])
+    def test_timeouts_must_be_finite_and_positive(self, value: float) -> None:
+        """A NaN timeout is refused too (regression: ``nan <= 0`` is false, so it got through)."""
+        with pytest.raises(ValueError, match=r"request_timeout_s must be a finite number of seconds > 0"):
+            ClientConfig(request_timeout_s=value)
+
 
 class TestRunMgsm:
     """Tests for `run_mgsm` on the real MGSM-en questions."""

@@ -128,6 +128,35 @@ class TestValidation:
         """A row with nothing before the TAB is refused."""
         assert _err(b"q\t1\n \t2\n").line == 2
 
+    @pytest.mark.parametrize(
+        ("row", "problem", "fix"),
+        [
+            (b"q\t", "the answer is empty (nothing after the TAB)", "integer answer after the TAB"),
+            (b"q\t  ", "the answer is empty (nothing after the TAB)", "integer answer after the TAB"),
+            (b"\tq", "the question is empty", "a question before the TAB"),
+            (b"\t5", "the question is empty", "a question before the TAB"),
+        ],
+    )
+    def test_tab_at_an_end(self, row: bytes, problem: str, fix: str) -> None:
+        """``q<TAB>`` and ``<TAB>q`` say which side is empty (regression: "found 1 column")."""
+        e = _err(b"a\t1\n" + row + b"\nb\t2\n")
+        assert (e.line, e.problem) == (2, problem)
+        assert fix in e.fix
+
+    def test_cr_only_line_ends(self) -> None:
+        """Old-Mac CR line ends are named as such, with a conversion (regression: "found 3 columns")."""
+        e = _err(b"a\t1\rb\t2\rc\t3\r")
+        assert (e.line, e.problem) == (
+            1,
+            "the line ends are carriage returns only (old Mac style), so the file reads as one line",
+        )
+        assert "tr '\\r' '\\n'" in e.fix
+
+    def test_stray_cr_inside_a_line(self) -> None:
+        """A CR in the middle of one row of an LF file is named, with its line."""
+        e = _err(b"a\t1\nb\rx\t2\nc\t3\n")
+        assert (e.line, e.problem) == (2, "a carriage return (CR) inside the line")
+
     def test_negative_and_commas_accepted(self) -> None:
         """``-5`` and ``2,125`` are integers."""
         items = parse_dataset(b"a\t-5\nb\t2,125\n")
@@ -137,6 +166,27 @@ class TestValidation:
         """A missing path says so."""
         with pytest.raises(InvalidDataset, match="no such file"):
             load_dataset(tmp_path / "nope.tsv")
+
+    def test_published_file_of_another_language(self, mgsm_dir: Path) -> None:
+        """The English file loaded as German is refused by its content (regression: it ran silently)."""
+        with pytest.raises(InvalidDataset) as info:
+            load_dataset(mgsm_path(mgsm_dir, "en"), "de")
+        assert (info.value.line, info.value.problem) == (
+            None,
+            "it is the published file of MGSM-en, but the language asked for is de",
+        )
+        assert info.value.fix.startswith("Pass --lang en to evaluate this file, or give the MGSM-de file")
+
+    def test_file_named_for_another_language(self, tmp_path: Path) -> None:
+        """A (non-published) ``mgsm_en.tsv`` loaded as German is refused by its name; as English it loads."""
+        path = tmp_path / "mgsm_en.tsv"
+        path.write_bytes(b"How many?\t3\n")
+        with pytest.raises(InvalidDataset, match="its name says MGSM-en, but the language asked for is de"):
+            load_dataset(path, "de")
+        assert len(load_dataset(path, "en")) == 1
+        other = tmp_path / "my_questions.tsv"
+        other.write_bytes(b"How many?\t3\n")
+        assert load_dataset(other, "de").lang == "de"
 
     def test_directory(self, tmp_path: Path) -> None:
         """A directory given as the file says which file to give."""

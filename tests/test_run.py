@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,16 @@ from mlaprop import runner, server
 from mlaprop.cli import main
 from mlaprop.environment import Environment, LaunchRequest, Vendor
 from mlaprop.mgsm import load_dataset
-from mlaprop.runner import EXIT_FAIL, EXIT_OK, EXIT_USAGE, EvalOptions, RunOptions, evaluate, run
+from mlaprop.runner import (
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EvalOptions,
+    RunOptions,
+    evaluate,
+    run,
+)
 from tests.eval_fixtures import mgsm_path
 
 ENV = Environment(vendor=Vendor.NVIDIA, arch="sm90", gpu_count=1)
@@ -204,8 +214,9 @@ class TestServerFailures:
         assert sum(1 for i in items if i["error"] is None) == m["answered"]
         assert s["timings_s"]["mgsm"] < 10
 
-    def test_error_rate_aborts(self, tmp_path: Path, mgsm_dir: Path) -> None:
-        """Every 3rd request failing (HTTP 400, not retried) passes the 5% bound: aborted, partial results."""
+    def test_error_rate_aborts(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """Every 3rd request failing (HTTP 400, not retried) passes the 5% bound: aborted, partial results;
+        the ABORTED line is stderr's first (regression: stdout)."""
         code = _run(
             tmp_path, mgsm_dir, sim_args=("--sim-error-every", "3", "--sim-error-status", "400"), limit=100
         )
@@ -213,6 +224,9 @@ class TestServerFailures:
         assert (code, s["status"]) == (EXIT_FAIL, "aborted")
         assert "over the 5% bound" in s["error"]["message"]
         assert s["mgsm"]["errors"] > 5
+        out, err = capsys.readouterr()
+        assert err.startswith("verdict: ABORTED - ") and "over the 5% bound" in err.splitlines()[0]
+        assert "ABORTED" not in out and "MGSM-en: 100 questions" in out and "report: " in out
 
     def test_few_errors_are_reported_not_scored(self, tmp_path: Path, mgsm_dir: Path) -> None:
         """Malformed replies under the bound are errors, counted apart from wrong answers."""
@@ -247,13 +261,16 @@ class TestServerFailures:
         assert (code, m["answered"], m["errors"]) == (EXIT_OK, 40, 0)
         assert max(i["attempts"] for i in _items(tmp_path)) == 2
 
-    def test_crash_at_start(self, tmp_path: Path, mgsm_dir: Path) -> None:
-        """A server that exits before it is ready: exit 1, the reason, no MGSM."""
+    def test_crash_at_start(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A server that exits before it is ready: exit 1, the reason (stderr's first line), no MGSM."""
         code = _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3"))
         s = _summary(tmp_path)
         assert (code, s["status"], s["error"]["stage"]) == (EXIT_FAIL, "server-failed", "launch")
         assert "exited with code 3" in s["message"]
         assert s["mgsm"] is None
+        out, err = capsys.readouterr()
+        assert err.startswith("mlaprop: the server failed: ") and "exited with code 3" in err.splitlines()[0]
+        assert "the server failed" not in out and "report: " in out
 
     def test_teardown_failure_fails_the_run(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
         """Processes left behind at teardown turn a passing verdict into exit 1, and the report says so."""
@@ -270,19 +287,97 @@ class TestServerFailures:
         assert s["mgsm"]["verdict"] == "pass"
         assert s["teardown_error"].startswith("1 process survived SIGKILL")
 
-    def test_interrupt_keeps_partial_report(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
-        """Ctrl-C during the determinism check: the server is torn down, the report says interrupted."""
+    def test_interrupt_keeps_partial_report(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
+    ) -> None:
+        """Ctrl-C during the determinism check: the server is torn down, the report says interrupted, and
+        ``run`` returns 130 (recorded as such) with one line on stderr instead of a traceback."""
 
         def interrupted(*a: Any, **k: Any) -> Any:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(runner, "check_determinism", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            _run(tmp_path, mgsm_dir, limit=10)
+        assert _run(tmp_path, mgsm_dir, limit=10) == EXIT_INTERRUPTED == 130
         s = _summary(tmp_path)
-        assert s["status"] == "interrupted"
+        assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "determinism")
         assert s["mgsm"]["answered"] == 10
         assert len(_items(tmp_path)) == 10
+        err = capsys.readouterr().err
+        assert err.splitlines() == ["mlaprop: interrupted (KeyboardInterrupt); partial report kept"]
+
+    def test_interrupt_during_mgsm_keeps_the_answered_items(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any
+    ) -> None:
+        """Ctrl-C after 5 MGSM answers: summary.json holds the partial MGSM summary (regression: ``null``)."""
+        real = runner.run_mgsm
+
+        def run_mgsm(*a: Any, on_record: Any, **k: Any) -> Any:
+            seen: list[Any] = []
+
+            def record(r: Any) -> None:
+                on_record(r)
+                seen.append(r)
+                if len(seen) == 5:
+                    raise KeyboardInterrupt
+
+            return real(*a, on_record=record, **k)
+
+        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40) == 130
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "mgsm")
+        m = s["mgsm"]
+        assert (m["n_total"], m["answered"], m["errors"], m["missing"]) == (40, 5, 0, 35)
+        assert m["scores"]["simple-evals"]["correct"] == 5
+        assert m["aborted"] == "interrupted (KeyboardInterrupt)"
+        assert len(_items(tmp_path)) == 5
+
+    def test_sigterm_is_recorded_as_143(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
+        """SIGTERM (``Terminated``, a ``SystemExit``) propagates; the summary records exit code 143."""
+
+        def terminated(*a: Any, **k: Any) -> Any:
+            raise server.Terminated(signal.SIGTERM)
+
+        monkeypatch.setattr(runner, "check_determinism", terminated)
+        with pytest.raises(server.Terminated) as info:
+            _run(tmp_path, mgsm_dir, limit=5)
+        assert info.value.code == 143
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"]) == ("interrupted", 143)
+        assert s["message"] == "mlaprop: interrupted (Terminated: terminated by SIGTERM); partial report kept"
+
+    def test_interrupt_after_the_verdict_is_recorded(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
+    ) -> None:
+        """Ctrl-C during teardown, after a PASS: the verdict stays, the recorded exit code becomes 130."""
+        real_stop = server.Server.stop
+
+        def interrupted_stop(self: server.Server) -> None:
+            real_stop(self)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(server.Server, "stop", interrupted_stop)
+        assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=5, determinism=False) == 130
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"]) == ("pass", 130)
+        assert s["message"].startswith("verdict: PASS - ")
+        assert s["message"].endswith("; then ended by KeyboardInterrupt")
+        assert (
+            capsys.readouterr().err
+            == "mlaprop: ended by KeyboardInterrupt after the verdict; exit code 130\n"
+        )
+
+    def test_evaluate_interrupt_returns_130(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
+        """``mlaprop eval`` interrupted before any answer: exit 130, recorded, and an (empty) MGSM summary."""
+
+        def run_mgsm(*a: Any, **k: Any) -> Any:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        assert evaluate("http://127.0.0.1:1", _opts(tmp_path, mgsm_dir, limit=7)) == 130
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"]) == ("interrupted", 130)
+        assert (s["mgsm"]["answered"], s["mgsm"]["missing"]) == (0, 7)
 
 
 class TestSecrets:
@@ -363,3 +458,241 @@ class TestCommandLine:
             dataset=str(tmp_path / "missing.tsv"), report_dir=tmp_path / "report", progress=False
         )
         assert evaluate("http://127.0.0.1:1", opts) == EXIT_USAGE
+
+
+def _no_launch(monkeypatch: Any) -> None:
+    def no_launch(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a server was launched")
+
+    monkeypatch.setattr(server, "launch", no_launch)
+
+
+class TestUsageErrors:
+    """Bad input exits 2 with one ``mlaprop: error:`` line on stderr that says what is wrong and what to pass,
+    before any server is launched and without a traceback (regressions: tracebacks with exit 1, or silent
+    fallbacks)."""
+
+    @staticmethod
+    def _cli(capsys: Any, argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+        try:
+            code = main(argv, environ=environ if environ is not None else {})
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    @pytest.mark.parametrize(
+        ("flags", "match"),
+        [
+            (["--report-dir", ""], "argument --report-dir: the path is empty; pass a folder"),
+            (["--ready-timeout", "0"], "argument --ready-timeout: expected a finite number of seconds > 0"),
+            (["--ready-timeout", "-1"], "argument --ready-timeout: expected a finite number of seconds > 0"),
+            (["--ready-timeout", "nan"], "argument --ready-timeout: expected a finite number of seconds > 0"),
+            (
+                ["--request-timeout", "0"],
+                "argument --request-timeout: expected a finite number of seconds > 0",
+            ),
+            (["--request-timeout", "-5"], "argument --request-timeout: expected a finite number of seconds"),
+            (["--request-timeout", "nan"], "argument --request-timeout: expected a finite number of seconds"),
+            (["--sim-latency", "nan"], "argument --sim-latency: expected a finite number of seconds >= 0"),
+            (["--sim-latency", "-1"], "argument --sim-latency: expected a finite number of seconds >= 0"),
+            (
+                ["--sim-args", "'unbalanced"],
+                "argument --sim-args: not valid shell quoting (No closing quotation)",
+            ),
+            (["--batch-sizes", "0,0"], "argument --batch-sizes: expected one or more batch sizes >= 1"),
+            (["--batch-sizes", ""], "argument --batch-sizes: expected one or more batch sizes >= 1"),
+        ],
+    )
+    def test_run_flags(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any, flags: list[str], match: str
+    ) -> None:
+        """Each bad ``run`` flag: exit 2, the cause on stderr's first line, nothing written or launched."""
+        _no_launch(monkeypatch)
+        report = tmp_path / "report"
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        code, out, err = self._cli(capsys, [*argv, "--limit", "3", "--no-progress", *flags])
+        assert (code, out) == (EXIT_USAGE, "")
+        assert err.splitlines()[0].startswith(f"mlaprop: error: {match}")
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not report.exists()
+
+    @pytest.mark.parametrize("where", ["file", "under-file", "unwritable"])
+    def test_report_dir_that_cannot_be_used(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any, where: str
+    ) -> None:
+        """``--report-dir`` at a file, under a file, or unwritable: exit 2 with why and what to pass."""
+        _no_launch(monkeypatch)
+        afile = tmp_path / "afile"
+        afile.write_text("keep me\n")
+        report = {"file": afile, "under-file": afile / "report", "unwritable": tmp_path / "ro"}[where]
+        if (
+            where == "unwritable"
+        ):  # root ignores permission bits: make creating the writer fail as EACCES would
+
+            def denied(*a: Any, **k: Any) -> Any:
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(runner, "ReportWriter", denied)
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        code, out, err = self._cli(capsys, [*argv, "--limit", "3", "--no-progress"])
+        assert (code, out) == (EXIT_USAGE, "")
+        expected = {
+            "file": f"mlaprop: error: --report-dir {afile} is a file, not a folder; pass a folder",
+            "under-file": f"mlaprop: error: --report-dir {report} is under {afile}, which is a file",
+            "unwritable": f"mlaprop: error: --report-dir {report} cannot be created or written (Permission "
+            "denied); pass a folder you can write to",
+        }[where]
+        assert err.splitlines() == [err.splitlines()[0]] and err.startswith(expected)
+        assert afile.read_text() == "keep me\n"
+
+    @pytest.mark.parametrize(
+        ("url", "match"),
+        [
+            ("notaurl", "'notaurl' is not an http:// or https:// URL (did you mean http://notaurl?)"),
+            ("127.0.0.1:24555", "'127.0.0.1:24555' is not an http:// or https:// URL"),
+            ("", "the URL is empty"),
+            ("http://", "'http://' has no host"),
+            ("http://127.0.0.1:99999", "'http://127.0.0.1:99999' has an invalid port"),
+        ],
+    )
+    def test_eval_base_url(self, tmp_path: Path, mgsm_dir: Path, capsys: Any, url: str, match: str) -> None:
+        """``eval --base-url`` must be an http(s) URL with a host."""
+        report = tmp_path / "report"
+        argv = ["eval", "--base-url", url, "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        code, out, err = self._cli(capsys, argv)
+        assert (code, out) == (EXIT_USAGE, "")
+        assert err.startswith(f"mlaprop: error: argument --base-url: {match}")
+        assert "such as http://127.0.0.1:30000" in err and len(err.splitlines()) == 1
+        assert not report.exists()
+
+    def test_evaluate_checks_the_url_too(self, tmp_path: Path, capsys: Any) -> None:
+        """The library entry point refuses the same URLs (exit 2, nothing written)."""
+        opts = EvalOptions(report_dir=tmp_path / "report", progress=False)
+        assert evaluate("127.0.0.1:24555", opts) == EXIT_USAGE
+        assert capsys.readouterr().err.startswith("mlaprop: error: --base-url: '127.0.0.1:24555' is not an")
+        assert not (tmp_path / "report").exists()
+
+    @pytest.mark.parametrize(("environ", "state"), [({}, "is not set"), ({"MY_KEY": ""}, "is empty")])
+    def test_eval_api_key_env_unset(
+        self, tmp_path: Path, mgsm_dir: Path, capsys: Any, environ: dict[str, str], state: str
+    ) -> None:
+        """``--api-key-env VAR`` with VAR unset or empty: exit 2 saying so (not a run that gets 401s)."""
+        argv = ["eval", "--base-url", "http://127.0.0.1:1", "--api-key-env", "MY_KEY"]
+        argv += ["--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(tmp_path / "report")]
+        code, out, err = self._cli(capsys, argv, environ)
+        assert (code, out) == (EXIT_USAGE, "")
+        assert err.splitlines() == [
+            f"mlaprop: error: --api-key-env MY_KEY: the environment variable MY_KEY {state}; export it with "
+            "the server's --api-key, or leave out --api-key-env for a server without a key"
+        ]
+
+    @pytest.mark.parametrize(
+        ("change", "match"),
+        [
+            ({"batch_sizes": ()}, "--batch-sizes must list whole numbers >= 1, got (none)"),
+            ({"batch_sizes": (0, 0)}, "--batch-sizes must list whole numbers >= 1, got 0,0"),
+            ({"prefix_lengths": (0,)}, "--prefix-lengths must be between 1 and"),
+            ({"request_timeout_s": float("nan")}, "request_timeout_s must be a finite number of seconds > 0"),
+            ({"limit": 0}, "--limit must be >= 1, got 0"),
+        ],
+    )
+    def test_library_options(
+        self,
+        tmp_path: Path,
+        mgsm_dir: Path,
+        monkeypatch: Any,
+        capsys: Any,
+        change: dict[str, Any],
+        match: str,
+    ) -> None:
+        """``run()`` refuses impossible options before writing or launching anything."""
+        _no_launch(monkeypatch)
+        opts = _opts(tmp_path, mgsm_dir, **change)
+        assert run(RunOptions(environment=ENV, simulate=True), opts) == EXIT_USAGE
+        assert capsys.readouterr().err.startswith(f"mlaprop: error: {match}")
+        assert not (tmp_path / "report").exists()
+
+    @pytest.mark.parametrize(
+        "change",
+        [{"ready_timeout_s": 0.0}, {"ready_timeout_s": float("nan")}, {"sim_latency_s": float("inf")}],
+    )
+    def test_library_run_options(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any, change: dict[str, Any]
+    ) -> None:
+        """Impossible ``RunOptions`` too (regression: a ``ValueError`` traceback from the launcher)."""
+        _no_launch(monkeypatch)
+        code = run(RunOptions(environment=ENV, simulate=True, **change), _opts(tmp_path, mgsm_dir))
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.startswith("mlaprop: error: --") and "must be a number of seconds" in err
+
+    def test_dataset_of_another_language(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
+    ) -> None:
+        """``--lang de`` with the English file: exit 2 before launch (regression: it ran, silently)."""
+        _no_launch(monkeypatch)
+        report = tmp_path / "report"
+        argv = ["run", "--simulate", "--lang", "de", "--dataset", str(mgsm_path(mgsm_dir))]
+        code, out, err = self._cli(capsys, [*argv, "--report-dir", str(report), "--no-progress"])
+        assert code == EXIT_USAGE
+        assert err.splitlines()[0] == (
+            f"mlaprop: dataset error: {mgsm_path(mgsm_dir)}: it is the published file of MGSM-en, but the "
+            "language asked for is de. Pass --lang en to evaluate this file, or give the MGSM-de file "
+            "(mgsm_de.tsv) to --dataset."
+        )
+        assert f"report: {report / 'summary.json'}" in out
+        assert json.loads((report / "summary.json").read_text())["error"]["stage"] == "dataset"
+
+
+class TestErrorsOnStderr:
+    """Errors go to stderr, whose first line names the cause; progress, verdict and the report path stay on
+    stdout (regression: everything was printed to stdout)."""
+
+    def test_dataset_error(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        bad = tmp_path / "bad.tsv"
+        bad.write_bytes(b"q\t1\nq\t\n")
+        assert _run(tmp_path, mgsm_dir, dataset=str(bad)) == EXIT_USAGE
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [
+            f"mlaprop: dataset error: {bad}:2: the answer is empty (nothing after the TAB). Each line needs an "
+            "integer answer after the TAB, such as `question<TAB>18`."
+        ]
+        assert out.splitlines() == [
+            f"report: {tmp_path / 'report' / 'summary.json'} (items: {tmp_path / 'report' / 'items.jsonl'})"
+        ]
+
+    def test_compose_error(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        opts = _opts(tmp_path, mgsm_dir)
+        code = run(RunOptions(environment=Environment(vendor=Vendor.NONE, arch="", gpu_count=0)), opts)
+        assert code == EXIT_USAGE
+        out, err = capsys.readouterr()
+        assert err.startswith("mlaprop: error: UnsupportedCombination: ")
+        assert "UnsupportedCombination" not in out and "report: " in out
+
+
+class TestReportFolderReuse:
+    """A report folder used again."""
+
+    def test_server_log_starts_fresh(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """Two runs into one ``--report-dir``: server.log holds the second run only (regression: appended)."""
+        for _ in range(2):
+            assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=3, determinism=False) == EXIT_OK
+        log = (tmp_path / "report" / "server.log").read_text()
+        assert log.startswith("$ ")
+        assert log.count("\n$ ") == 0
+        assert log.count("The server is fired up and ready to roll!") == 1
+        port = _summary(tmp_path)["server"]["base_url"].rsplit(":", 1)[1]
+        assert f"--port {port}" in log.splitlines()[0]  # the second run's server
+
+
+class TestDatasetEncodings:
+    """The simulated model reads the dataset file the way the eval does."""
+
+    def test_bom_and_crlf_dataset_scores_like_the_plain_one(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A BOM + CRLF copy at accuracy 1.0 scores 3/3 (regression: 2/3, the BOM hid the first question)."""
+        variant = tmp_path / "bom_crlf.tsv"
+        variant.write_bytes(b"\xef\xbb\xbf" + mgsm_path(mgsm_dir).read_bytes().replace(b"\n", b"\r\n"))
+        code = _run(tmp_path, mgsm_dir, accuracy=1.0, limit=3, determinism=False, dataset=str(variant))
+        m = _summary(tmp_path)["mgsm"]
+        assert (code, m["scores"]["simple-evals"]["correct"], m["answered"]) == (EXIT_OK, 3, 3)

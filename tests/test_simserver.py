@@ -7,10 +7,14 @@ Servers are started with the real launcher (:func:`mlaprop.server.launch`); the 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +29,13 @@ import requests
 from mlaprop.capabilities import KNOWN_VERSIONS, capabilities_for
 from mlaprop.environment import Vendor
 from mlaprop.server import Server, free_port, launch, port_is_bindable
-from mlaprop.simserver import DatasetRow, SimModel, load_dataset, resolve_attention_backend
+from mlaprop.simserver import (
+    DatasetRow,
+    SimModel,
+    _sigterm_handler,
+    load_dataset,
+    resolve_attention_backend,
+)
 
 SIM = (sys.executable, "-m", "mlaprop.simserver")
 ALLOW_0_5_11 = "['flashinfer', 'fa3', 'triton']"
@@ -325,6 +335,97 @@ class TestFaults:
                     reply.json()
 
 
+class TestSigterm:
+    """SIGTERM ends the server at once, however many arrive (regression: a second SIGTERM during the first
+    handler deadlocked it on the log lock, and teardown waited the whole grace period)."""
+
+    def test_handler_survives_reentry(self) -> None:
+        """A second SIGTERM runs the handler inside the first: both end with code 0, one log line."""
+        r, w = os.pipe()
+        codes: list[int] = []
+        handler = None
+
+        def end(code: int) -> None:
+            codes.append(code)
+            if len(codes) == 1:  # the second signal arrives while the first handler is still running
+                assert handler is not None
+                handler(signal.SIGTERM, None)
+
+        try:
+            handler = _sigterm_handler(w, end)
+            handler(signal.SIGTERM, None)
+            os.close(w)
+            logged = os.read(r, 4096).decode()
+        finally:
+            os.close(r)
+        assert codes == [0, 0]
+        assert logged.count("\n") == 1 and logged.endswith("] Received SIGTERM; shutting down.\n")
+
+    @staticmethod
+    def _busy(port: int, stop: threading.Event) -> None:
+        """Generation requests back to back: the server's threads hold the GIL and take the log lock, which
+        stretches the SIGTERM handler's log write (the window the old deadlock needed) to milliseconds."""
+        body = b'{"text": "x", "sampling_params": {"max_new_tokens": 256}}'
+        head = b"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(head % len(body) + body)
+                    while conn.recv(65536):
+                        pass
+            except OSError:
+                time.sleep(0.001)
+
+    def test_three_sigterms_1ms_apart_end_it_within_2s(self, tmp_path: Path) -> None:
+        """20 busy simulators, each sent 3 SIGTERMs 1 ms apart: every one exits 0 within 2 s.
+
+        Before the fix about 1 in 10 hung here (the handler re-entered while it held the log lock).
+        """
+        for batch in range(2):
+            procs: list[tuple[subprocess.Popen[bytes], Path, int]] = []
+            try:
+                for i in range(10):
+                    log, port = tmp_path / f"sim-{batch}-{i}.log", free_port()
+                    argv = [*SIM, "--model-path", "m", "--port", str(port), "--sim-import-delay", "0"]
+                    argv += ["--sim-max-lifetime", "60"]
+                    with log.open("wb") as fh:
+                        procs.append((subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT), log, port))
+                for proc, log, _ in procs:
+                    deadline = time.monotonic() + 20
+                    while "fired up" not in log.read_text() and time.monotonic() < deadline:
+                        assert proc.poll() is None, log.read_text()
+                        time.sleep(0.01)
+                for proc, log, port in procs:
+                    stop = threading.Event()
+                    load = [threading.Thread(target=self._busy, args=(port, stop)) for _ in range(2)]
+                    for t in load:
+                        t.start()
+                    try:
+                        time.sleep(0.02)
+                        for _ in range(3):
+                            os.kill(proc.pid, signal.SIGTERM)
+                            time.sleep(0.001)
+                        try:
+                            rc = proc.wait(timeout=2)
+                        except subprocess.TimeoutExpired:
+                            pytest.fail(
+                                f"the simulator outlived 3 SIGTERMs by 2 s:\n{log.read_text()[-2000:]}"
+                            )
+                    finally:
+                        stop.set()
+                        for t in load:
+                            t.join(timeout=5)
+                    assert rc == 0
+                    text = log.read_text()
+                    assert "Received SIGTERM; shutting down." in text, text[-2000:]
+                    assert "Traceback" not in text, text[-2000:]
+            finally:
+                for proc, _, _ in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(timeout=10)
+
+
 class TestBatchDependence:
     """Tests for batch-dependent outputs unless ``--enable-deterministic-inference``."""
 
@@ -386,3 +487,19 @@ class TestModel:
         bad.write_text("ok\t1\nno tab here\n", encoding="utf-8")
         with pytest.raises(ValueError, match=r"bad\.tsv:2: expected 'question<TAB>integer'"):
             load_dataset(bad)
+
+    def test_dataset_with_bom_and_crlf(self, tmp_path: Path) -> None:
+        """A UTF-8 byte-order mark and CRLF line ends read as the plain file (regression: the BOM stuck to the
+        first question, which then matched no prompt)."""
+        plain = tmp_path / "plain.tsv"
+        plain.write_text("First question?\t3\nSecond one?\t2,125\n", encoding="utf-8")
+        variant = tmp_path / "bom_crlf.tsv"
+        variant.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+        rows = load_dataset(variant)
+        assert (
+            rows == load_dataset(plain) == (DatasetRow("First question?", 3), DatasetRow("Second one?", 2125))
+        )
+        model = SimModel.build(rows, 1.0, deterministic=True, seed=0)
+        assert model.find("Solve this.\n\nFirst question?") == 0
+        text, _, _ = model.generate("Solve this.\n\nFirst question?", 2048, batch=1)
+        assert text.splitlines()[-1] == "Answer: 3"

@@ -36,6 +36,28 @@ class TestScore:
         assert (s.meets_gate, s.questions_to_gate) == (True, 0)
         assert "exactly at the 0.8 gate" in s.describe()
 
+    @pytest.mark.parametrize(("k", "n"), [(3, 3), (9, 11), (201, 251)])
+    def test_no_question_to_spare_is_not_exactly_at(self, k: int, n: int) -> None:
+        """3/3 against 0.8 needs all 3 right but scores 1.000: it meets the gate with no question to spare,
+        it is not "exactly at" it (regression)."""
+        s = score(k, n, 0.8)
+        assert (s.meets_gate, s.questions_to_gate) == (True, 0)
+        assert s.score > 0.8
+        assert "exactly at" not in s.describe()
+        assert ", meets the 0.8 gate with no question to spare" in s.describe()
+
+    def test_describe_3_of_3(self) -> None:
+        """The whole line for 3/3."""
+        assert score(3, 3).describe() == (
+            "1.000 (3/3, ±0.000 s.e., 95% CI 0.439-1.000), meets the 0.8 gate with no question to spare; "
+            "the gate is inside the interval (within noise)"
+        )
+
+    def test_one_question(self) -> None:
+        """Singular and plural: 1 question short / above."""
+        assert score(199, 250).describe().split("), ")[1].startswith("1 question short of the 0.8 gate")
+        assert score(201, 250).describe().split("), ")[1].startswith("1 question above the 0.8 gate")
+
     def test_well_above(self) -> None:
         """240/250: 40 above, gate outside the interval."""
         s = score(240, 250)
