@@ -111,6 +111,13 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default: %(default)s)")
     g.add_argument(
+        "--kv-heads",
+        type=int,
+        default=16,
+        metavar="N",
+        help="the model's KV heads (default: %(default)s, the test model's); decides ROCm's default backend",
+    )
+    g.add_argument(
         "--no-deterministic", action="store_true", help="do not ask for --enable-deterministic-inference"
     )
     g.add_argument(
@@ -156,6 +163,7 @@ def _request_from_args(args: argparse.Namespace) -> LaunchRequest:
         attention_backend=AttentionBackend(args.attention_backend) if args.attention_backend else None,
         tp_size=args.tp,
         extra_args=extra,
+        kv_heads=args.kv_heads,
     )
 
 

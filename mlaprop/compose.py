@@ -29,6 +29,7 @@ from mlaprop.capabilities import (
 )
 from mlaprop.ci import read_amd_marker
 from mlaprop.environment import (
+    DEFAULT_MODEL,
     Action,
     AttentionBackend,
     Decision,
@@ -252,6 +253,15 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
                 "unique prefixes such as --por as the full option): pass the model with mlaprop's --model; the "
                 "launcher picks a free port on 127.0.0.1 itself"
             )
+        if (
+            is_secret_name(opt.name)
+            and opt.value is not None
+            and not (opt.value.isascii() and opt.value.isprintable())
+        ):
+            raise InvalidEnvironment(
+                f"{opt.name} holds characters other than printable ASCII, which the HTTP Authorization header "
+                "clients send it in cannot carry: use an ASCII key"
+            )
         if opt.name in merged:
             shown = MASK if is_secret_name(opt.name) else opt.value
             notes.append(
@@ -408,6 +418,16 @@ def compose(
             f"tensor parallel size {tp} needs {tp} GPUs, but {environment.gpu_count} "
             f"{'is' if environment.gpu_count == 1 else 'are'} visible: lower --tp, or make more GPUs visible "
             "(CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES)"
+        )
+    if request.model != DEFAULT_MODEL and request.kv_heads == LaunchRequest().kv_heads:
+        decisions.append(
+            Decision(
+                Action.NOTED,
+                "model",
+                f"{request.model} is assumed to have {request.kv_heads} KV heads like the test model (this decides "
+                "ROCm's default backend and the tp check); pass --kv-heads if it has another count",
+                "request",
+            )
         )
     if request.kv_heads % tp:
         divisors = [str(d) for d in range(1, request.kv_heads + 1) if request.kv_heads % d == 0]

@@ -213,8 +213,13 @@ class LaunchRequest:
             )
         if not isinstance(self.extra_args, tuple):
             object.__setattr__(self, "extra_args", tuple(self.extra_args))
-        if not self.model or not self.model.strip():
+        if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidEnvironment("model must be a non-empty path or Hugging Face id")
+        if self.model != self.model.strip() or self.model.startswith("-"):
+            raise InvalidEnvironment(
+                f"model {self.model!r} would be read as an option or padded path by SGLang's parser: pass a "
+                "path or Hugging Face id without leading dashes or surrounding spaces (./-x for such a folder)"
+            )
 
 
 @dataclass(frozen=True)

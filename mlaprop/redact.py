@@ -8,7 +8,8 @@ A secret is the value of a secret-named flag or variable, or a token recognisabl
   ``_SECRET`` or ``_PASSWORD`` (case-insensitive, so SGLang's logged ``ServerArgs(api_key='...')`` counts),
   written ``NAME=value``, ``NAME: value``, ``'NAME': 'value'`` or as a mapping key;
 - Hugging Face tokens ``hf_`` followed by 10 or more letters/digits, anywhere;
-- ``Authorization: Bearer VALUE`` (and any ``Bearer VALUE`` of 8 or more token characters).
+- ``Authorization: Bearer VALUE`` (and any ``Bearer VALUE`` of 8 or more token characters);
+- credentials in URLs, ``http://user:password@host`` -> ``http://***@host``.
 
 Each secret value is replaced by ``***``; the name stays, so the reader still sees *which* secret was set.
 ``None`` and empty values are left alone (nothing to hide), and so are all-digit values of names other than
@@ -65,6 +66,8 @@ _AUTHORIZATION = re.compile(
 )
 _BEARER = re.compile(r"(?i)(?P<key>\bbearer)(?P<sep>\s+)(?P<value>[A-Za-z0-9._~+/=-]{8,})")
 _HF_TOKEN = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{10,}")
+# Credentials in a URL: scheme://user:password@host
+_URL_USERINFO = re.compile(r"(?i)(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\s/@'\"]+)@")
 
 
 def _mask_value(match: re.Match[str]) -> str:
@@ -107,6 +110,7 @@ def redact(text: str) -> str:
     text = _ASSIGNMENT.sub(_mask_value, text)
     text = _AUTHORIZATION.sub(_mask_value, text)
     text = _BEARER.sub(_mask_value, text)
+    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
     return _HF_TOKEN.sub(MASK, text)
 
 

@@ -239,6 +239,8 @@ class _Job:
         self.save()
         self.writer.close()
         (self.error if error else self.say)(message)
+        if code != EXIT_OK and not error:
+            self.error(message)  # a failed verdict names its cause on stderr too
         self.say(f"report: {self.writer.summary_path} (items: {self.writer.items_path})")
         return code
 
@@ -428,9 +430,9 @@ def _option_problem(opts: EvalOptions, run_opts: RunOptions | None = None) -> st
         return f"--limit must be >= 1, got {opts.limit}"
     if not (isinstance(opts.gate, (int, float)) and 0.0 <= opts.gate <= 1.0):
         return f"--gate must be within [0, 1], got {opts.gate}"
-    if not opts.batch_sizes or any(b < 1 for b in opts.batch_sizes):
+    if not opts.batch_sizes or any(not 1 <= b <= MAX_BATCH_SIZE for b in opts.batch_sizes):
         sizes = ",".join(map(str, opts.batch_sizes)) or "(none)"
-        return f"--batch-sizes must list whole numbers >= 1, got {sizes}"
+        return f"--batch-sizes must list whole numbers from 1 to {MAX_BATCH_SIZE}, got {sizes}"
     if any(not 1 <= n <= len(LONG_PROMPT) for n in opts.prefix_lengths):
         return (
             f"--prefix-lengths must be between 1 and {len(LONG_PROMPT)} characters, "
@@ -730,11 +732,15 @@ def _numbers(text: str) -> tuple[int, ...]:
         ) from None
 
 
+#: The largest determinism batch: enough to show batch dependence, small enough to finish in bounded time.
+MAX_BATCH_SIZE = 1024
+
+
 def _batch_sizes(text: str) -> tuple[int, ...]:
     values = _numbers(text)
-    if not values or any(v < 1 for v in values):
+    if not values or any(not 1 <= v <= MAX_BATCH_SIZE for v in values):
         raise argparse.ArgumentTypeError(
-            f"expected one or more batch sizes >= 1 such as 1,2,4,8,16, got {text!r}"
+            f"expected one or more batch sizes from 1 to {MAX_BATCH_SIZE} such as 1,2,4,8,16, got {text!r}"
         )
     return values
 
@@ -932,11 +938,23 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     return run(run_opts, opts, plan_to_dict=cli.plan_to_dict)
 
 
+def _header_safe(value: str) -> bool:
+    """Printable ASCII only: what an HTTP header value (``Authorization: Bearer KEY``) can carry."""
+    return value.isascii() and value.isprintable()
+
+
 def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
     env = os.environ if environ is None else environ
     api_key = None
     if args.api_key_env:
         api_key = env.get(args.api_key_env)
+        if api_key and not _header_safe(api_key):
+            print(
+                f"mlaprop: error: --api-key-env {args.api_key_env}: the key holds characters other than "
+                "printable ASCII, which an HTTP Authorization header cannot carry; use the server's ASCII key",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if not api_key:
             state = "is not set" if api_key is None else "is empty"
             print(

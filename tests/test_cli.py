@@ -210,3 +210,35 @@ class TestFoundByNewUsers:
         """tp beyond the visible GPUs, or not dividing the heads, is refused before any launch."""
         code, _, err = _run(capsys, *argv)
         assert code == 2 and match in err
+
+
+class TestSecondUserPass:
+    """Regressions from the second fresh-user pass over ``compose``."""
+
+    def test_kv_heads_decide_rocm_default_and_tp(self, capsys):  # type: ignore[no-untyped-def]
+        """DeepSeek-V3 (128 heads) at tp 8 on ROCm keeps 16 heads per rank: aiter; a non-default model without
+        --kv-heads gets a decision saying 16 is assumed."""
+        code, out, _ = _run(
+            capsys,
+            "compose",
+            "--vendor",
+            "amd",
+            "--arch",
+            "gfx942",
+            "--model",
+            "deepseek-ai/DeepSeek-V3",
+            "--kv-heads",
+            "128",
+            "--tp",
+            "8",
+            "--explain",
+        )
+        assert code == 0 and "will resolve to: aiter" in out
+        code, out, _ = _run(capsys, "compose", "--arch", "sm90", "--model", "org/other-mla", "--explain")
+        assert code == 0 and "assumed to have 16 KV heads" in out
+
+    @pytest.mark.parametrize("model", ["-x", " padded "])
+    def test_model_that_sglang_would_misparse_is_refused(self, capsys, model):  # type: ignore[no-untyped-def]
+        """A model starting with '-' or padded with spaces is refused before any launch."""
+        code, out, err = _run(capsys, "compose", "--arch", "sm90", f"--model={model}")
+        assert (code, out) == (2, "") and "would be read as an option or padded path" in err

@@ -128,3 +128,13 @@ class TestArgvAndEnv:
     )
     def test_is_secret_name(self, name: str, secret: bool) -> None:
         assert is_secret_name(name) is secret
+
+
+def test_url_credentials_are_masked() -> None:
+    """``scheme://user:password@host`` keeps the scheme and host, hides the credentials."""
+    from mlaprop.redact import redact as _redact
+
+    assert (
+        _redact("eval --base-url http://user:pw@127.0.0.1:1/x") == "eval --base-url http://***@127.0.0.1:1/x"
+    )
+    assert _redact("https://example.org/a@b") == "https://example.org/a@b"

@@ -500,8 +500,14 @@ class TestUsageErrors:
                 ["--sim-args", "'unbalanced"],
                 "argument --sim-args: not valid shell quoting (No closing quotation)",
             ),
-            (["--batch-sizes", "0,0"], "argument --batch-sizes: expected one or more batch sizes >= 1"),
-            (["--batch-sizes", ""], "argument --batch-sizes: expected one or more batch sizes >= 1"),
+            (
+                ["--batch-sizes", "0,0"],
+                "argument --batch-sizes: expected one or more batch sizes from 1 to 1024",
+            ),
+            (
+                ["--batch-sizes", ""],
+                "argument --batch-sizes: expected one or more batch sizes from 1 to 1024",
+            ),
         ],
     )
     def test_run_flags(
@@ -590,8 +596,8 @@ class TestUsageErrors:
     @pytest.mark.parametrize(
         ("change", "match"),
         [
-            ({"batch_sizes": ()}, "--batch-sizes must list whole numbers >= 1, got (none)"),
-            ({"batch_sizes": (0, 0)}, "--batch-sizes must list whole numbers >= 1, got 0,0"),
+            ({"batch_sizes": ()}, "--batch-sizes must list whole numbers from 1 to 1024, got (none)"),
+            ({"batch_sizes": (0, 0)}, "--batch-sizes must list whole numbers from 1 to 1024, got 0,0"),
             ({"prefix_lengths": (0,)}, "--prefix-lengths must be between 1 and"),
             ({"request_timeout_s": float("nan")}, "request_timeout_s must be a finite number of seconds > 0"),
             ({"limit": 0}, "--limit must be >= 1, got 0"),
@@ -696,3 +702,70 @@ class TestDatasetEncodings:
         code = _run(tmp_path, mgsm_dir, accuracy=1.0, limit=3, determinism=False, dataset=str(variant))
         m = _summary(tmp_path)["mgsm"]
         assert (code, m["scores"]["simple-evals"]["correct"], m["answered"]) == (EXIT_OK, 3, 3)
+
+
+class TestSecondUserPass:
+    """Regressions from the second fresh-user pass."""
+
+    def test_failed_gate_names_its_cause_on_stderr(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A failed gate exits 1 and its verdict line is on stderr as well as stdout."""
+        argv = ["run", "--simulate", "--sim-accuracy", "0.5", "--limit", "10", "--no-progress"]
+        argv += ["--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(tmp_path / "r")]
+        code, out, err = TestUsageErrors._cli(capsys, argv)
+        assert code == EXIT_FAIL
+        assert err.splitlines()[0].startswith("verdict: FAIL - MGSM-en 0.")
+        assert "verdict: FAIL" in out
+
+    @pytest.mark.parametrize("sizes", ["100000", "1,2,1025"])
+    def test_batch_sizes_are_bounded(self, tmp_path: Path, mgsm_dir: Path, capsys: Any, sizes: str) -> None:
+        """A determinism batch above 1024 is refused before launch instead of running for ever."""
+        argv = ["run", "--simulate", "--batch-sizes", sizes, "--dataset", str(mgsm_path(mgsm_dir))]
+        argv += ["--report-dir", str(tmp_path / "r")]
+        code, out, err = TestUsageErrors._cli(capsys, argv)
+        assert (code, out) == (EXIT_USAGE, "")
+        assert "batch sizes from 1 to 1024" in err.splitlines()[0]
+
+    def test_non_ascii_api_key_is_refused_before_launch(
+        self, tmp_path: Path, mgsm_dir: Path, capsys: Any
+    ) -> None:
+        """A key an HTTP header cannot carry is refused (run: in the server args; eval: in --api-key-env)."""
+        argv = [
+            "run",
+            "--simulate",
+            "--dataset",
+            str(mgsm_path(mgsm_dir)),
+            "--report-dir",
+            str(tmp_path / "r"),
+        ]
+        code, _, err = TestUsageErrors._cli(capsys, [*argv, "--server-args=--api-key 'ключ'"])
+        assert code == EXIT_USAGE and "printable ASCII" in err and "ключ" not in err
+        argv = [
+            "eval",
+            "--base-url",
+            "http://127.0.0.1:1",
+            "--api-key-env",
+            "K",
+            "--dataset",
+            str(mgsm_path(mgsm_dir)),
+        ]
+        code, _, err = TestUsageErrors._cli(
+            capsys, [*argv, "--report-dir", str(tmp_path / "e")], {"K": "ключ"}
+        )
+        assert code == EXIT_USAGE and "printable ASCII" in err and "ключ" not in err
+
+    def test_url_credentials_never_reach_the_report(
+        self, tmp_path: Path, mgsm_dir: Path, capsys: Any
+    ) -> None:
+        """``--base-url http://user:pw@host`` is written as ``http://***@host`` in summary.json."""
+        argv = ["eval", "--base-url", "http://user:pw1234@127.0.0.1:1", "--limit", "1", "--no-progress"]
+        argv += [
+            "--dataset",
+            str(mgsm_path(mgsm_dir)),
+            "--report-dir",
+            str(tmp_path / "e"),
+            "--request-timeout",
+            "1",
+        ]
+        TestUsageErrors._cli(capsys, argv)
+        text = (tmp_path / "e" / "summary.json").read_text()
+        assert "pw1234" not in text and "http://***@127.0.0.1:1" in text
