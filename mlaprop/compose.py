@@ -295,12 +295,16 @@ def compose(
         :class:`Decision` citing its upstream source, and the attention backend SGLang will resolve to.
 
     Raises:
-        UnsupportedCombination: no GPU (``Vendor.NONE``) or every device masked; an explicit attention backend
-            with no kernels for this GPU, or outside the version's deterministic allow-list while
-            deterministic inference is on (NVIDIA); ``--enable-deterministic-inference`` in the user's extra
-            arguments where an AMD signal is present; ``trtllm_mla`` / ``cutlass_mla`` with ``fp8_e5m2`` KV.
+        UnsupportedCombination: no GPU (``Vendor.NONE``) or every device masked; a tp larger than the visible
+            GPUs or not dividing ``request.kv_heads``; ``--enable-deterministic-inference`` in the user's extra
+            arguments where an AMD signal is present; a ``--kv-cache-dtype`` or ``--attention-backend`` this
+            SGLang version does not have, an FP4 KV cache, ``mxfp8`` off Blackwell; an explicit attention
+            backend with no kernels for this GPU, outside the deterministic allow-list or (DeepSeek-family)
+            the radix list while deterministic inference is on, outside its KV-dtype limits, or failing
+            SGLang's Blackwell + CUDA 12.8 guards. Each message names the value, the rule and what to use.
         InvalidEnvironment: a malformed value (unknown arch, backend, KV dtype, bad extra argument, an
-            option the launcher owns, a version older than known). Valid values are listed in the message.
+            option the launcher owns, a non-ASCII API key, a version older than known). Valid values are
+            listed in the message.
     """
     request = request if request is not None else LaunchRequest()
     rocm = _check_environment(environment)
@@ -309,6 +313,17 @@ def compose(
     decisions: list[Decision] = [
         Decision(Action.NOTED, "environment", note, "mlaprop.detect") for note in environment.notes
     ]
+    running = Version(environment.sglang_version)
+    if running.base_version != str(running) and running.base_version == caps.version:
+        decisions.append(
+            Decision(
+                Action.NOTED,
+                "sglang",
+                f"SGLang {environment.sglang_version} is a pre-release, development or local build; the rules of "
+                f"{caps.version} are used",
+                "mlaprop.capabilities",
+            )
+        )
     if Version(environment.sglang_version) > Version(NEWEST):
         decisions.append(
             Decision(

@@ -340,3 +340,10 @@ def test_contract_found_refusals(env, request_, match):  # type: ignore[no-untyp
     """Requests SGLang itself rejects (or mlaprop's FP4 policy) are refused before any launch, saying why."""
     with pytest.raises(UnsupportedCombination, match=match):
         compose(env, request_)
+
+
+@pytest.mark.parametrize("version", ["0.5.11rc1", "0.5.11.dev0", "0.5.11+rocm"])
+def test_prerelease_versions_say_which_rules_apply(version):  # type: ignore[no-untyped-def]
+    """A pre-release, development or local SGLang build composes with its release's rules and says so."""
+    plan = compose(Environment(sglang_version=version))
+    assert any("the rules of 0.5.11 are used" in d.reason for d in plan.decisions)
