@@ -410,6 +410,7 @@ class Server:
         self._grace = grace
         self._owns_log = owns_log
         self._token = env[SERVER_ID_VARIABLE]
+        self._last_probe = "none"  # what the last readiness probe got, for ServerStartTimeout
         self._api_key = option_value(argv, "--api-key")
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -503,8 +504,10 @@ class Server:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         try:
             r = session.get(f"{self.base_url}/health_generate", timeout=max(timeout, 0.01), headers=headers)
-        except requests.RequestException:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: a header value http cannot carry
+            self._last_probe = redact(f"{type(exc).__name__}: {exc}")[:200]
             return False
+        self._last_probe = f"HTTP {r.status_code}"
         return r.status_code == 200
 
     def _wait_ready(self, deadline: float, request_timeout: float, poll_interval: float) -> None:
@@ -553,8 +556,8 @@ class Server:
         waited = now - self._started
         tail = self.log_tail()
         return ServerStartTimeout(
-            f"server not ready after {waited:.1f} s: GET /health_generate never answered 200; last log line: "
-            f"{_cause(tail)}",
+            f"server not ready after {waited:.1f} s: GET /health_generate never answered 200 (last answer: "
+            f"{self._last_probe}); last log line: {_cause(tail)}",
             timeout=waited,
             command=self.command,
             log_path=self.log_path,

@@ -156,6 +156,7 @@ class TestReady:
         assert isinstance(exc, ServerStartTimeout)
         assert 0.6 <= took < 0.6 + GRACE + 3.0
         assert str(exc).splitlines()[0].startswith("server not ready after 0.")
+        assert "never answered 200 (last answer: HTTP 503)" in str(exc).splitlines()[0]
         assert any("--sim-never-healthy" in line for line in exc.log_tail)
         assert exc.log_path is not None and exc.pid is not None
         assert_gone([exc.pid])
