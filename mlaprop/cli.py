@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from mlaprop.environment import (
     Vendor,
 )
 from mlaprop.preflight import PreflightError
+from mlaprop.redact import redact, redact_argv, redact_env
 
 __all__ = ["main", "plan_to_dict", "shell_command"]
 
@@ -49,8 +51,6 @@ def shell_command(plan: LaunchPlan, *, host: str = "127.0.0.1", port: int | str 
         str(port),
     ]
     argv += list(plan.argv)
-    from mlaprop.redact import redact_argv, redact_env
-
     argv = redact_argv(argv)
     env = [f"{k}={shlex.quote(v)}" for k, v in sorted(redact_env(plan.env).items())]
     return " ".join([*env, *(shlex.quote(a) for a in argv)])
@@ -59,8 +59,6 @@ def shell_command(plan: LaunchPlan, *, host: str = "127.0.0.1", port: int | str 
 def plan_to_dict(plan: LaunchPlan) -> dict[str, Any]:
     """A JSON-ready view of a plan for people and reports (enums as their CLI spellings, secret values such as
     ``--api-key`` as ``***``); the launcher uses the plan itself."""
-    from mlaprop.redact import redact, redact_argv, redact_env
-
     return {
         "model": plan.model,
         "sglang_version": plan.sglang_version,
@@ -130,8 +128,6 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
 
 
 def _environment_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Environment:
-    import os
-
     env = dict(os.environ if environ is None else environ)
     if args.vendor:
         env["MLAPROP_VENDOR"] = args.vendor
@@ -197,8 +193,6 @@ def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) ->
         print(f"# {env.vendor} {env.arch} x{env.gpu_count}, SGLang {env.sglang_version} rules")
         print(f"# attention backend SGLang will resolve to: {plan.attention_backend}")
         print(f"# deterministic inference: {'on' if plan.deterministic else 'off'}")
-        from mlaprop.redact import redact
-
         for d in plan.decisions:
             print(f"{d.action.value:>9}  {d.subject}: {redact(d.reason)}")
             print(f"{'':>9}  source: {d.source}")
@@ -206,8 +200,6 @@ def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) ->
 
 
 def _cmd_preflight(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
-    import os
-
     from mlaprop.preflight import preflight
 
     env = _environment_from_args(args, environ)
@@ -269,13 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``run`` and ``eval`` (the main job): see :mod:`mlaprop.runner`."""
-    try:
-        from mlaprop import runner  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - while runner.py is being written
-        return
-    add = getattr(runner, "add_cli_commands", None)
-    if add is not None:
-        add(sub)
+    from mlaprop import runner  # imported here: runner imports this module for its shared options
+
+    runner.add_cli_commands(sub)
 
 
 #: Options whose value is itself a string of arguments, so it may start with "--".

@@ -210,11 +210,6 @@ def _check_environment(env: Environment) -> bool:
     return env.vendor is Vendor.AMD or env.torch_hip
 
 
-def _major10_or_11(arch: str) -> bool:
-    family, n = parse_arch(arch)
-    return family == "sm" and n // 10 in (10, 11)
-
-
 def _check_choices(
     caps: Capabilities, backend: AttentionBackend | None, kv: KVCacheDtype, rocm: bool, env: Environment
 ) -> None:
@@ -341,7 +336,6 @@ def compose(
     backend = request.attention_backend
     if "--attention-backend" in user:
         user_backend = parse_enum(AttentionBackend, user["--attention-backend"].value, "attention backend")
-        assert isinstance(user_backend, AttentionBackend)
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -355,7 +349,6 @@ def compose(
     kv = request.kv_cache_dtype
     if "--kv-cache-dtype" in user:
         user_kv = parse_enum(KVCacheDtype, user["--kv-cache-dtype"].value, "KV-cache dtype")
-        assert isinstance(user_kv, KVCacheDtype)
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -497,7 +490,8 @@ def compose(
         and deterministic
         and request.deepseek_family
         and not (
-            _major10_or_11(environment.arch) and is_blackwell(environment.arch, environment.cuda_version)
+            is_blackwell(environment.arch, environment.cuda_version)
+            and not is_sm120(environment.arch, environment.cuda_version)
         )
     ):
         raise UnsupportedCombination(

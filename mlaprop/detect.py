@@ -238,9 +238,7 @@ def detect_environment(
     arch_override = env.get("MLAPROP_ARCH")
     vendor: Vendor | None = None
     if vendor_override:
-        parsed = parse_enum(Vendor, vendor_override, "GPU vendor in MLAPROP_VENDOR")
-        assert isinstance(parsed, Vendor)
-        vendor = parsed
+        vendor = parse_enum(Vendor, vendor_override, "GPU vendor in MLAPROP_VENDOR")
     arch = ""
     if arch_override:
         family, _ = parse_arch(arch_override)

@@ -21,7 +21,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mlaprop.evalclient import ClientConfig, HttpClient, RequestFailed
@@ -283,15 +283,7 @@ def check_determinism(
     started = time.monotonic()
     base = config or ClientConfig()
     widest = max(max(sizes), len(prefixes))
-    cfg = ClientConfig(
-        concurrency=widest,
-        request_timeout_s=base.request_timeout_s,
-        connect_timeout_s=base.connect_timeout_s,
-        max_retries=base.max_retries,
-        backoff_s=base.backoff_s,
-        backoff_max_s=base.backoff_max_s,
-        api_key=base.api_key,
-    )
+    cfg = replace(base, concurrency=widest)  # one connection per request of the widest round
     sink = _Collector()
     stopped = ""
     with HttpClient(base_url, cfg) as client, cf.ThreadPoolExecutor(widest, "mlaprop-det") as pool:

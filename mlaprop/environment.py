@@ -10,6 +10,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -98,7 +99,10 @@ class Action(_Choice):
     NOTED = "noted"  # a fact worth showing (a conflict between signals, a known upstream failure)
 
 
-def parse_enum(kind: type[_Choice], value: object, what: str) -> _Choice:
+_C = TypeVar("_C", bound=_Choice)
+
+
+def parse_enum(kind: type[_C], value: object, what: str) -> _C:
     """Parse ``value`` into a member of ``kind``, accepting the exact CLI spelling (case-insensitive).
 
     Raises:
