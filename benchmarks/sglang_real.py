@@ -42,14 +42,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-TEST_UTILS_FUNCTIONS = (
-    "popen_launch_server",
-    "_launch_server_process",
-    "_create_clean_subprocess_env",
-    "_subprocess_popen_with_outputs",
-    "_wait_for_server_health",
-)
-COMMON_FUNCTIONS = ("kill_process_tree", "_wait_for_reap_or_raise", "_still_holding_resources")
+TEST_UTILS_FUNCTIONS = ("popen_launch_server",)
+COMMON_FUNCTIONS = ("kill_process_tree",)
 
 
 def _sglang_dir() -> Path:
@@ -66,13 +60,19 @@ def _namespace_package(name: str, path: Path) -> None:
 
 
 def _functions(source: Path, names: tuple[str, ...], namespace: dict[str, Any]) -> None:
-    """Execute the definitions of ``names`` from ``source`` (unchanged) in ``namespace``."""
+    """Execute, unchanged, the undecorated top-level function definitions of ``source`` in ``namespace``
+    (``names`` must be among them; the others are there for whatever those call)."""
     tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
-    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.decorator_list]
     missing = set(names) - {n.name for n in found}
     if missing:
         raise SystemExit(f"{source} no longer defines {sorted(missing)}: update benchmarks/sglang_real.py")
-    exec(compile(ast.Module(body=found, type_ignores=[]), str(source), "exec"), namespace)
+    for node in found:  # one by one: a definition whose defaults need module constants is left out
+        try:
+            exec(compile(ast.Module(body=[node], type_ignores=[]), str(source), "exec"), namespace)
+        except (NameError, AttributeError, TypeError):
+            if node.name in names:
+                raise
 
 
 def load(dataset: str) -> types.SimpleNamespace:
@@ -127,7 +127,17 @@ def load(dataset: str) -> types.SimpleNamespace:
         import sglang.test.simple_eval_mgsm as simple_eval_mgsm  # type: ignore[import-not-found]
 
         stand_ins = True
-    simple_eval_mgsm.LANG_TO_FPATH["en"] = Path(dataset).resolve().as_uri()
+    local = Path(dataset).resolve().as_uri()
+    if isinstance(getattr(simple_eval_mgsm, "LANG_TO_FPATH", None), dict):
+        simple_eval_mgsm.LANG_TO_FPATH["en"] = local
+    import urllib.request
+
+    opener = urllib.request.urlopen
+
+    def urlopen(url: Any, *a: Any, **k: Any) -> Any:  # any other MGSM-en download reads the local file
+        return opener(local if str(url).endswith("mgsm_en.tsv") else url, *a, **k)
+
+    urllib.request.urlopen = urlopen  # type: ignore[assignment]
     return types.SimpleNamespace(
         popen_launch_server=popen_launch_server,
         kill_process_tree=kill_process_tree,
@@ -136,10 +146,10 @@ def load(dataset: str) -> types.SimpleNamespace:
     )
 
 
-def _eval_args(base_url: str, threads: int, model: str | None) -> types.SimpleNamespace:
+def _eval_args(base_url: str, threads: int, model: str | None, n: int | None) -> types.SimpleNamespace:
     # what test_mla_fp8.py passes (test/registered/mla/test_mla_fp8.py: eval_name mgsm_en, num_threads 1024)
     return types.SimpleNamespace(
-        base_url=base_url, model=model, eval_name="mgsm_en", num_examples=None, num_threads=threads
+        base_url=base_url, model=model, eval_name="mgsm_en", num_examples=n, num_threads=threads
     )
 
 
@@ -152,6 +162,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--other-args", default="--trust-remote-code --kv-cache-dtype fp8_e5m2")
+    p.add_argument("--num-examples", type=int, help="only the first N questions (default: all, as the test)")
     args = p.parse_args()
     t_import = time.monotonic()
     sg = load(args.dataset)
@@ -162,7 +173,7 @@ def main() -> int:
     try:
         if args.mode == "eval":
             t = time.monotonic()
-            metrics = sg.run_eval(_eval_args(args.base_url, args.threads, args.model))
+            metrics = sg.run_eval(_eval_args(args.base_url, args.threads, args.model, args.num_examples))
             out.update(eval_s=time.monotonic() - t, score=metrics["score"])
         else:
             # test_mla_fp8.py: setUpClass launches, test_mgsm_en evaluates, tearDownClass kills the tree
@@ -177,7 +188,7 @@ def main() -> int:
             out["launch_s"] = time.monotonic() - t
             try:
                 t1 = time.monotonic()
-                metrics = sg.run_eval(_eval_args(args.base_url, args.threads, None))
+                metrics = sg.run_eval(_eval_args(args.base_url, args.threads, None, args.num_examples))
                 out.update(eval_s=time.monotonic() - t1, score=metrics["score"])
             finally:
                 t2 = time.monotonic()
