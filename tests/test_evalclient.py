@@ -25,6 +25,7 @@ from mlaprop.evalclient import (
     RequestFailed,
     RetryCounts,
     default_concurrency,
+    fetch_server_info,
     percentile,
     run_mgsm,
     server_root,
@@ -488,6 +489,19 @@ class TestServerAddress:
                 run_mgsm(srv.url, ds, config=cfg, notice=lambda _: None)
             assert time.monotonic() - started < 3.0
             assert srv.count("/v1/chat/completions") == 0
+
+    def test_server_info_lowers_the_default(self) -> None:
+        """``/get_server_info`` with ``max_running_requests`` 32 makes the default 32; a server without
+        the endpoint (404) or with a non-object answer gives ``None``, and the default stays one wave."""
+        with serve(lambda m, p, b: Answer(body={"max_running_requests": 32, "version": "0.5.11"})) as srv:
+            info = fetch_server_info(srv.url + "/v1")
+        assert info is not None and default_concurrency(250, info) == 32
+        assert srv.count("/get_server_info") == 1
+        with serve(lambda m, p, b: Answer(404, {"detail": "Not Found"})) as srv:
+            assert fetch_server_info(srv.url) is None
+        with serve(lambda m, p, b: Answer(body=[1, 2])) as srv:
+            assert fetch_server_info(srv.url) is None
+        assert default_concurrency(250, None) == 250
 
     @pytest.mark.parametrize(
         ("n", "info", "expected"),
