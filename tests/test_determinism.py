@@ -239,6 +239,14 @@ class TestAgainstSimulatedServer:
         assert result.reason.startswith("error: ")
         assert result.wall_s < 5
 
+    def test_divergence_before_a_death_is_still_a_failure(self) -> None:
+        """A batch-dependent server that dies mid-check: FAIL (the divergent answers are evidence), with the
+        stop named."""
+        with _sim("--sim-die-after-requests", "10", deterministic=False) as srv:
+            result = check_determinism(srv.base_url, config=FAST, is_alive=srv.alive)
+        assert result.status is Status.FAIL
+        assert result.cause and "(the check then stopped: " in result.reason
+
     def test_malformed_json(self) -> None:
         """A truncated JSON body: ERROR (malformed), never FAIL."""
         with _sim("--sim-malformed-every", "4") as srv:
