@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rate = f"ERROR {right}/{n}, FAIL {counts[Status.FAIL]}"
         wall = statistics.median(walls)
+        lat = f"{wall / args.latency:.1f}" if args.latency > 0 else "-"
         print(
             f"{case.name:<14}{case.expect.value:>7}{counts[Status.PASS]:>6}{counts[Status.FAIL]:>6}"
-            f"{counts[Status.ERROR]:>7}  {rate:<26}{wall:>8.2f}{wall / args.latency:>11.1f}",
+            f"{counts[Status.ERROR]:>7}  {rate:<26}{wall:>8.2f}{lat:>11}",
             flush=True,
         )
     return 0
