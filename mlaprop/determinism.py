@@ -874,11 +874,14 @@ def check_determinism(
                 state.errors.append(state.cause)
                 runner.stop()
         except BaseException as exc:  # Ctrl-C, SIGTERM: cut what is in flight, keep what was answered
-            runner.stop()
+            # a second Ctrl-C while stopping or saving must not lose the partial result: it is swallowed
+            # here, and the first one propagates
+            with contextlib.suppress(BaseException):
+                runner.stop()
             state.cause = f"interrupted ({type(exc).__name__}) during the check"
             state.errors.append(state.cause)
             if on_progress is not None and isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):
                     on_progress(result(final=True))
             raise
         finally:  # after a stop, threads still cut off are not waited for
