@@ -203,8 +203,8 @@ def apply_device_masks(
     return count, tuple(notes)
 
 
-def _sglang_version(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
-    override = environ.get("MLAPROP_SGLANG_VERSION")
+def _sglang_version(environ: Mapping[str, str], override: str | None) -> tuple[str, tuple[str, ...]]:
+    override = override or environ.get("MLAPROP_SGLANG_VERSION")
     if override:
         capabilities_for(override)  # validate
         return override.strip(), ()
@@ -217,6 +217,10 @@ def _sglang_version(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
 def detect_environment(
     environ: Mapping[str, str] | None = None,
     probe: Callable[[], HardwareProbe] = probe_hardware,
+    *,
+    vendor: Vendor | None = None,
+    arch: str | None = None,
+    sglang_version: str | None = None,
 ) -> Environment:
     """Detect the environment from variables and hardware.
 
@@ -224,6 +228,9 @@ def detect_environment(
         environ: environment variables; ``None`` reads ``os.environ``.
         probe: hardware probe (injectable for tests); not called when both ``MLAPROP_VENDOR`` and
             ``MLAPROP_ARCH`` are set.
+        vendor, arch, sglang_version: explicit overrides (the CLI's ``--vendor`` / ``--arch`` /
+            ``--sglang-version``), taking precedence over ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` /
+            ``MLAPROP_SGLANG_VERSION`` and read the same way.
 
     Returns:
         An :class:`Environment`; ``notes`` says which probe answered and what the masks did.
@@ -234,9 +241,9 @@ def detect_environment(
     """
     env = os.environ if environ is None else environ
     notes: list[str] = []
-    vendor_override = env.get("MLAPROP_VENDOR")
-    arch_override = env.get("MLAPROP_ARCH")
-    vendor: Vendor | None = None
+    vendor_override: str | None = vendor.value if vendor is not None else env.get("MLAPROP_VENDOR")
+    arch_override = arch or env.get("MLAPROP_ARCH")
+    vendor = None
     if vendor_override:
         vendor = parse_enum(Vendor, vendor_override, "GPU vendor in MLAPROP_VENDOR")
     arch = ""
@@ -267,7 +274,7 @@ def detect_environment(
         notes += mask_notes
     if vendor is Vendor.NONE:
         count, arch = 0, ""
-    version, version_notes = _sglang_version(env)
+    version, version_notes = _sglang_version(env, sglang_version)
     notes += version_notes
     return Environment(
         vendor=vendor,

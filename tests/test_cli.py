@@ -212,8 +212,8 @@ class TestFoundByNewUsers:
         assert code == 2 and match in err
 
 
-class TestSecondUserPass:
-    """Regressions from the second fresh-user pass over ``compose``."""
+class TestModelShape:
+    """``compose`` reads the model's KV heads and refuses model names SGLang would misparse."""
 
     def test_kv_heads_decide_rocm_default_and_tp(self, capsys):  # type: ignore[no-untyped-def]
         """DeepSeek-V3 (128 heads) at tp 8 on ROCm keeps 16 heads per rank: aiter; a non-default model without

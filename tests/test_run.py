@@ -1,4 +1,4 @@
-"""Tests for the main job (`mlaprop.runner`) against the simulated SGLang server on the real MGSM-en data."""
+"""Tests for the main job (`mlaprop.job`) against the simulated SGLang server on the real MGSM-en data."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ from typing import Any
 
 import pytest
 
-from mlaprop import runner, server
+from mlaprop import job, server
 from mlaprop.cli import main
 from mlaprop.environment import Environment, LaunchRequest, Vendor
+from mlaprop.exitcodes import ExitCode
+from mlaprop.job import evaluate, run
 from mlaprop.mgsm import load_dataset
-from mlaprop.runner import (
-    EXIT_FAIL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    EvalOptions,
-    RunOptions,
-    evaluate,
-    run,
-)
+from mlaprop.options import EvalOptions, InvalidOptions, RunOptions
 from tests.eval_fixtures import mgsm_path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = ExitCode.OK, ExitCode.QUALITY, ExitCode.USAGE
+EXIT_INFRA, EXIT_INTERRUPTED = ExitCode.INFRASTRUCTURE, ExitCode.SIGINT
 
 ENV = Environment(vendor=Vendor.NVIDIA, arch="sm90", gpu_count=1)
 
@@ -296,7 +292,7 @@ class TestServerFailures:
         def interrupted(*a: Any, **k: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(runner, "check_determinism", interrupted)
+        monkeypatch.setattr(job, "check_determinism", interrupted)
         assert _run(tmp_path, mgsm_dir, limit=10) == EXIT_INTERRUPTED == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "determinism")
@@ -309,7 +305,7 @@ class TestServerFailures:
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any
     ) -> None:
         """Ctrl-C after 5 MGSM answers: summary.json holds the partial MGSM summary (regression: ``null``)."""
-        real = runner.run_mgsm
+        real = job.run_mgsm
 
         def run_mgsm(*a: Any, on_record: Any, **k: Any) -> Any:
             seen: list[Any] = []
@@ -322,7 +318,7 @@ class TestServerFailures:
 
             return real(*a, on_record=record, **k)
 
-        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        monkeypatch.setattr(job, "run_mgsm", run_mgsm)
         assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40) == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "mgsm")
@@ -338,7 +334,7 @@ class TestServerFailures:
         def terminated(*a: Any, **k: Any) -> Any:
             raise server.Terminated(signal.SIGTERM)
 
-        monkeypatch.setattr(runner, "check_determinism", terminated)
+        monkeypatch.setattr(job, "check_determinism", terminated)
         with pytest.raises(server.Terminated) as info:
             _run(tmp_path, mgsm_dir, limit=5)
         assert info.value.code == 143
@@ -373,7 +369,7 @@ class TestServerFailures:
         def run_mgsm(*a: Any, **k: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        monkeypatch.setattr(job, "run_mgsm", run_mgsm)
         assert evaluate("http://127.0.0.1:1", _opts(tmp_path, mgsm_dir, limit=7)) == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"]) == ("interrupted", 130)
@@ -431,7 +427,7 @@ class TestCommandLine:
 
     def test_eval_against_running_server(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """``eval --base-url`` scores a server someone else started, and reports it."""
-        sim = (*runner.SIMSERVER_COMMAND,)
+        sim = (*job.SIMSERVER_COMMAND,)
         args = ["--sim-dataset", str(mgsm_path(mgsm_dir)), "--sim-accuracy", "0.5"]
         with server.launch(model="m", command_prefix=sim, extra_args=args, ready_timeout=20, grace=2) as srv:
             code = main(
@@ -539,7 +535,7 @@ class TestUsageErrors:
             def denied(*a: Any, **k: Any) -> Any:
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(runner, "ReportWriter", denied)
+            monkeypatch.setattr(job, "ReportWriter", denied)
         argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
         code, out, err = self._cli(capsys, [*argv, "--limit", "3", "--no-progress"])
         assert (code, out) == (EXIT_USAGE, "")
@@ -596,42 +592,40 @@ class TestUsageErrors:
     @pytest.mark.parametrize(
         ("change", "match"),
         [
-            ({"batch_sizes": ()}, "--batch-sizes must list whole numbers from 1 to 1024, got (none)"),
-            ({"batch_sizes": (0, 0)}, "--batch-sizes must list whole numbers from 1 to 1024, got 0,0"),
-            ({"prefix_lengths": (0,)}, "--prefix-lengths must be between 1 and"),
-            ({"request_timeout_s": float("nan")}, "request_timeout_s must be a finite number of seconds > 0"),
-            ({"limit": 0}, "--limit must be >= 1, got 0"),
+            ({"batch_sizes": ()}, "--batch-sizes: expected one or more batch sizes from 1 to 1024"),
+            ({"batch_sizes": (0, 0)}, "--batch-sizes: expected one or more batch sizes from 1 to 1024"),
+            ({"prefix_lengths": (0,)}, "--prefix-lengths: expected lengths between 1 and"),
+            (
+                {"request_timeout_s": float("nan")},
+                "--request-timeout: expected a finite number of seconds > 0",
+            ),
+            ({"limit": 0}, "--limit: expected a number >= 1, got 0"),
+            ({"gate": 1.5}, "--gate: expected a number between 0 and 1, got 1.5"),
+            ({"report_dir": " "}, "--report-dir: the path is empty"),
         ],
     )
     def test_library_options(
-        self,
-        tmp_path: Path,
-        mgsm_dir: Path,
-        monkeypatch: Any,
-        capsys: Any,
-        change: dict[str, Any],
-        match: str,
+        self, tmp_path: Path, mgsm_dir: Path, change: dict[str, Any], match: str
     ) -> None:
-        """``run()`` refuses impossible options before writing or launching anything."""
-        _no_launch(monkeypatch)
-        opts = _opts(tmp_path, mgsm_dir, **change)
-        assert run(RunOptions(environment=ENV, simulate=True), opts) == EXIT_USAGE
-        assert capsys.readouterr().err.startswith(f"mlaprop: error: {match}")
-        assert not (tmp_path / "report").exists()
+        """``EvalOptions`` refuses impossible values when built, with the flag and the CLI's message (the
+        rule is written once, in :mod:`mlaprop.options`)."""
+        with pytest.raises(InvalidOptions) as info:
+            _opts(tmp_path, mgsm_dir, **change)
+        assert str(info.value).startswith(match)
 
     @pytest.mark.parametrize(
-        "change",
-        [{"ready_timeout_s": 0.0}, {"ready_timeout_s": float("nan")}, {"sim_latency_s": float("inf")}],
+        ("change", "match"),
+        [
+            ({"ready_timeout_s": 0.0}, "--ready-timeout: expected a finite number of seconds > 0"),
+            ({"ready_timeout_s": float("nan")}, "--ready-timeout: expected a finite number of seconds > 0"),
+            ({"sim_latency_s": float("inf")}, "--sim-latency: expected a finite number of seconds >= 0"),
+        ],
     )
-    def test_library_run_options(
-        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any, change: dict[str, Any]
-    ) -> None:
+    def test_library_run_options(self, change: dict[str, Any], match: str) -> None:
         """Impossible ``RunOptions`` too (regression: a ``ValueError`` traceback from the launcher)."""
-        _no_launch(monkeypatch)
-        code = run(RunOptions(environment=ENV, simulate=True, **change), _opts(tmp_path, mgsm_dir))
-        assert code == EXIT_USAGE
-        err = capsys.readouterr().err
-        assert err.startswith("mlaprop: error: --") and "must be a number of seconds" in err
+        with pytest.raises(InvalidOptions) as info:
+            RunOptions(environment=ENV, simulate=True, **change)
+        assert str(info.value).startswith(match)
 
     def test_dataset_of_another_language(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
@@ -704,8 +698,9 @@ class TestDatasetEncodings:
         assert (code, m["scores"]["simple-evals"]["correct"], m["answered"]) == (EXIT_OK, 3, 3)
 
 
-class TestSecondUserPass:
-    """Regressions from the second fresh-user pass."""
+class TestVerdictAndKeyHandling:
+    """Failed gates name their cause on stderr; batch sizes are bounded; keys an HTTP header cannot carry are
+    refused; URL credentials never reach the report."""
 
     def test_failed_gate_names_its_cause_on_stderr(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """A failed gate exits 1 and its verdict line is on stderr as well as stdout."""
