@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from mlaprop.options import SMOKE_SERVER_ARGS, EvalOptions, RunOptions
 from mlaprop.options import base_url as check_base_url
 from mlaprop.planview import environment_to_dict, plan_to_dict
 from mlaprop.preflight import PreflightError, preflight
+from mlaprop.provenance import collect_provenance
 from mlaprop.report import (
     ErrorInfo,
     Reporter,
@@ -69,7 +73,7 @@ __all__ = [
 #: The simulated SGLang server (``--simulate``).
 SIMSERVER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "mlaprop.simserver")
 #: Exit code of an infrastructure failure.
-EXIT_INFRA = ExitCode.QUALITY
+EXIT_INFRA = ExitCode.INFRASTRUCTURE
 
 
 # ------------------------------------------------------------------------------------ reading the plan
@@ -126,6 +130,7 @@ class JobRecord:
         self.started = time.monotonic()
         self.stage = "dataset"
         self.records: list[ItemRecord] = []  # MGSM items as they finish (the partial result of an interrupt)
+        self.dataset: MgsmDataset | None = None
         self.writer = ReportWriter(opts.report_dir, opts.parser, reporter.redactor)
         self.summary = Summary(
             command=command,
@@ -158,8 +163,10 @@ class JobRecord:
     def finish(self, status: Status, code: int, message: str, *, error: bool = False) -> int:
         """Record the outcome and print ``message`` (to stderr when ``error``) and where the report is."""
         self.summary.status, self.summary.exit_code, self.summary.message = status, int(code), message
+        self.summary.finished_at = _now()
         self.save()
         self.writer.close()
+        self.reporter.step_summary(self.summary)
         (self.error if error else self.say)(message)
         if code != ExitCode.OK and not error:
             self.error(message)  # a failed verdict names its cause on stderr too
@@ -168,13 +175,30 @@ class JobRecord:
 
     def record(self, record: ItemRecord) -> None:
         self.records.append(record)
-        self.writer.record(record)
+        self.writer.record(record, self._question(record.index))
+
+    def _question(self, index: int) -> str | None:
+        items = self.dataset.items if self.dataset is not None else ()
+        return items[index].question if 0 <= index < len(items) else None
+
+    def sort_items(self) -> None:
+        """Rewrite ``items.jsonl`` in question order (items are appended as they finish)."""
+        done = sorted(self.records, key=lambda r: r.index)
+        with contextlib.suppress(ValueError):  # closed: the report is already final
+            self.writer.rewrite_items([(r, self._question(r.index)) for r in done])
 
     def stopped(self, exc: BaseException) -> int:
         """Record an exception that ends the job (interrupt, ``SystemExit``, a bug) with the exit code the
         process will end with; returns that code."""
         code = _exit_code_of(exc)
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        with _sigint_deferred():  # a second Ctrl-C must not cut the final summary short
+            return self._stopped(exc, code, detail)
+
+    def _stopped(self, exc: BaseException, code: int, detail: str) -> int:
+        signum = _signal_of(exc)
+        if signum is not None:
+            self.summary.ended_by_signal = signal.Signals(signum).name
         if self.summary.status is Status.RUNNING:
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             status = Status.INTERRUPTED if interrupted else Status.ERROR
@@ -186,6 +210,27 @@ class JobRecord:
             self.save()
             self.error(f"mlaprop: ended by {detail} after the verdict; exit code {code}")
         return code
+
+
+def _signal_of(exc: BaseException) -> int | None:
+    """The signal behind ``exc``: SIGINT for Ctrl-C, the signal of :class:`mlaprop.server.Terminated`."""
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    signum = getattr(exc, "signum", None)
+    return signum if isinstance(exc, SystemExit) and isinstance(signum, int) else None
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ignore SIGINT while the block runs (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_code_of(exc: BaseException) -> int:
@@ -275,20 +320,25 @@ def eval_mgsm(
     since = time.monotonic()
     job.stage = "mgsm"
     job.records = []
+    beat = job.reporter.heartbeat(
+        f"MGSM-{dataset.lang}", opts.heartbeat_s, lambda: f"{len(job.records)}/{n} questions answered"
+    )
     try:
-        result = run_mgsm(
-            base_url,
-            dataset,
-            config=config,
-            model=opts.model,
-            is_alive=is_alive,
-            on_record=job.record,
-            limit=opts.limit,
-        )
+        with beat:
+            result = run_mgsm(
+                base_url,
+                dataset,
+                config=config,
+                model=opts.model,
+                is_alive=is_alive,
+                on_record=job.record,
+                limit=opts.limit,
+            )
     except EvalAborted as exc:
         job.step("mgsm", since)
         if isinstance(exc.partial, EvalResult):
             job.summary.mgsm = mgsm_summary(exc.partial, opts.parser, opts.gate)
+        job.sort_items()
         job.save()
         raise
     except BaseException as exc:  # Ctrl-C, SIGTERM: what was answered goes into the summary
@@ -297,10 +347,12 @@ def eval_mgsm(
         done = tuple(sorted(job.records, key=lambda r: r.index))
         partial = EvalResult(dataset.lang, n, done, time.monotonic() - since, opts.model or "", why)
         job.summary.mgsm = mgsm_summary(partial, opts.parser, opts.gate)
+        job.sort_items()
         job.save()
         raise
     job.step("mgsm", since)
     job.summary.mgsm = mgsm_summary(result, opts.parser, opts.gate)
+    job.sort_items()
     job.save()
     _print_scores(job, result)
     return result
@@ -333,13 +385,14 @@ def determinism(
     opts = job.opts
     since = time.monotonic()
     job.stage = "determinism"
-    result = check_determinism(
-        base_url,
-        batch_sizes=opts.batch_sizes,
-        prefix_lengths=opts.prefix_lengths,
-        config=config,
-        is_alive=is_alive,
-    )
+    with job.reporter.heartbeat("determinism check", opts.heartbeat_s, lambda: ""):
+        result = check_determinism(
+            base_url,
+            batch_sizes=opts.batch_sizes,
+            prefix_lengths=opts.prefix_lengths,
+            config=config,
+            is_alive=is_alive,
+        )
     job.step("determinism", since)
     job.summary.determinism = determinism_summary(result)
     job.save()
@@ -402,13 +455,22 @@ def decide(result: EvalResult, det: DeterminismResult | None, opts: EvalOptions)
     return Outcome(status, ExitCode.QUALITY, f"verdict: FAIL - {detail}")
 
 
-def _aborted(job: JobRecord, exc: EvalAborted, tail: Sequence[str]) -> int:
+def _aborted(job: JobRecord, exc: EvalAborted, tail: Sequence[str], *, server_died: bool = False) -> int:
+    """Record an aborted eval; when the server died, the verdict line names the log line saying why."""
     m = job.summary.mgsm or {}
     done = (
         f"{m.get('answered', 0)} answered, {m.get('errors', 0)} failed, {m.get('missing', '?')} not finished"
     )
     job.summary.error = ErrorInfo("mgsm", "EvalAborted", exc.reason, tuple(tail))
-    return job.finish(Status.ABORTED, EXIT_INFRA, f"verdict: ABORTED - {exc.reason} ({done})", error=True)
+    cause = None
+    if server_died:
+        cause = next((line.strip() for line in reversed(tail) if _LOG_CAUSE.search(line)), None)
+    why = f"{exc.reason} (server log: {cause})" if cause else exc.reason
+    return job.finish(Status.ABORTED, EXIT_INFRA, f"verdict: ABORTED - {why} ({done})", error=True)
+
+
+#: A server-log line that names why the server stopped.
+_LOG_CAUSE = re.compile(r"(?i)(?:error|exception|killed|out of memory|fault|abort)")
 
 
 def _dataset_stage(job: JobRecord, opts: EvalOptions) -> MgsmDataset | None:
@@ -419,6 +481,7 @@ def _dataset_stage(job: JobRecord, opts: EvalOptions) -> MgsmDataset | None:
         job.fail("dataset", exc, Status.ERROR, ExitCode.USAGE, f"mlaprop: dataset error: {exc}")
         return None
     job.step("dataset", since)
+    job.dataset = dataset
     job.summary.dataset = dataset_summary(dataset)
     if not dataset.canonical:
         job.say(
@@ -449,6 +512,7 @@ def evaluate(base_url: str, opts: EvalOptions, *, reporter: Reporter | None = No
         if dataset is None:
             return ExitCode.USAGE
         job.summary.server = ServerInfo(base_url)
+        job.summary.provenance = collect_provenance(None, simulated=False)
         config = opts.client_config()
         try:
             result = eval_mgsm(job, base_url, dataset, config, None)
@@ -523,6 +587,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         job.summary.environment = {
             k: env_view[k] for k in ("vendor", "arch", "gpu_count", "sglang_version", "notes")
         }
+        job.summary.provenance = collect_provenance(env, simulated=run_opts.simulate)
         plan = compose_plan(env, request, run_opts)
         job.summary.plan = plan_to_dict(plan)
     except (InvalidEnvironment, UnsupportedCombination, PreflightError, TinyModelError) as exc:
@@ -553,15 +618,19 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
     job.stage = "launch"
     code: int | None = None
     try:
-        with srv.launch(
-            plan,
-            command_prefix=prefix,
-            extra_args=extra,
-            log_path=log_path,
-            echo=job.reporter.stream() if run_opts.echo_server_log else False,
-            ready_timeout=run_opts.ready_timeout_s,
-            grace=run_opts.grace_s,
-        ) as server:
+        with contextlib.ExitStack() as stack:
+            with job.reporter.heartbeat("server start-up", opts.heartbeat_s, lambda: "not ready yet"):
+                server = stack.enter_context(
+                    srv.launch(
+                        plan,
+                        command_prefix=prefix,
+                        extra_args=extra,
+                        log_path=log_path,
+                        echo=job.reporter.stream() if run_opts.echo_server_log else False,
+                        ready_timeout=run_opts.ready_timeout_s,
+                        grace=run_opts.grace_s,
+                    )
+                )
             job.step("launch", since)
             job.summary.server = ServerInfo(server.base_url, server.command, str(server.log_path))
             job.save()
@@ -572,7 +641,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
             try:
                 result = eval_mgsm(job, server.base_url, dataset, config, server.alive)
             except EvalAborted as exc:
-                code = _aborted(job, exc, server.log_tail(5))
+                code = _aborted(job, exc, server.log_tail(5), server_died=not server.alive())
             else:
                 det = determinism(job, server.base_url, config, server.alive) if wants_det else None
                 outcome = decide(result, det, opts)

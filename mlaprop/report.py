@@ -15,6 +15,7 @@ job goes through it: console lines, summary strings, item lines, the server log 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import io
@@ -22,6 +23,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,7 @@ __all__ = [
     "redact_file",
     "redact_tree",
     "score_json",
+    "step_summary_markdown",
 ]
 
 SUMMARY_FILE = "summary.json"
@@ -170,6 +174,8 @@ class Summary:
     mgsm: dict[str, Any] | None = None
     determinism: dict[str, Any] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    finished_at: str | None = None
+    ended_by_signal: str | None = None
     error: ErrorInfo | None = None
     teardown_error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -183,8 +189,10 @@ class Summary:
             "mlaprop_version": self.mlaprop_version,
             "command": self.command,
             "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "status": self.status.value,
             "exit_code": self.exit_code,
+            "ended_by_signal": self.ended_by_signal,
             "message": self.message,
             "gate": self.gate,
             "gating_parser": self.gating_parser,
@@ -253,11 +261,41 @@ class Reporter:
     """
 
     def __init__(
-        self, out: TextIO | None = None, err: TextIO | None = None, redactor: Redactor = redact
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        redactor: Redactor = redact,
+        *,
+        step_summary_path: str | os.PathLike[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.redactor = redactor
+        self.step_summary_path = Path(step_summary_path) if step_summary_path else None
+        self._clock = clock
+
+    def heartbeat(
+        self, what: str, every_s: float, progress: Callable[[], str]
+    ) -> contextlib.AbstractContextManager[None]:
+        """While the block runs, and only when ``out`` is not a terminal (a CI log), print
+        ``heartbeat: WHAT, N s, PROGRESS`` every ``every_s`` seconds (0: never). A terminal has the progress
+        bar instead."""
+        isatty = getattr(self.out, "isatty", None)
+        if every_s <= 0 or (isatty is not None and isatty()):
+            return contextlib.nullcontext()
+        return _Heartbeat(self, what, every_s, progress)
+
+    def step_summary(self, summary: Summary) -> None:
+        """Append the run's Markdown summary to ``$GITHUB_STEP_SUMMARY`` (when set); a failure to write it
+        is one line on ``err``, never a failed run."""
+        if self.step_summary_path is None:
+            return
+        try:
+            with self.step_summary_path.open("a", encoding="utf-8") as fh:
+                fh.write(self.redactor(step_summary_markdown(summary)))
+        except OSError as exc:
+            self.error(f"mlaprop: could not append to GITHUB_STEP_SUMMARY {self.step_summary_path}: {exc}")
 
     def say(self, line: str) -> None:
         """One line on ``out``."""
@@ -359,6 +397,10 @@ def mgsm_summary(result: EvalResult, parser: Parser, gate: float = DEFAULT_GATE)
         "completion_tokens": result.completion_tokens,
         "output_tokens_per_s": tps,
         "truncated_at_max_tokens": sum(1 for r in result.records if r.finish_reason == "length"),
+        "retries": {
+            "requests_retried": sum(1 for r in result.records if r.attempts > 1),
+            "extra_attempts": sum(max(0, r.attempts - 1) for r in result.records),
+        },
         "wall_s": result.wall_s,
         "model": result.model,
     }
@@ -514,3 +556,60 @@ def _open_locked(path: Path) -> TextIO:
     fh.seek(0)
     fh.truncate()
     return fh
+
+
+class _Heartbeat(contextlib.AbstractContextManager[None]):
+    """A daemon thread printing a heartbeat line every ``every_s`` seconds until the block ends."""
+
+    def __init__(self, reporter: Reporter, what: str, every_s: float, progress: Callable[[], str]) -> None:
+        self._reporter = reporter
+        self._what = what
+        self._every = every_s
+        self._progress = progress
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mlaprop-heartbeat", daemon=True)
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = self._reporter._clock()
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=1.0)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._every):
+            elapsed = self._reporter._clock() - self._started
+            detail = self._progress()
+            self._reporter.say(
+                f"heartbeat: {self._what}, {elapsed:.0f} s" + (f", {detail}" if detail else "")
+            )
+
+
+def step_summary_markdown(summary: Summary) -> str:
+    """A short Markdown report of a run for a CI job page (GitHub's ``$GITHUB_STEP_SUMMARY``)."""
+    data = summary.to_json()
+    mgsm = data.get("mgsm") or {}
+    gating = (mgsm.get("scores") or {}).get(data["gating_parser"]) or {}
+    env = data.get("environment") or {}
+    plan = data.get("plan") or {}
+    det = data.get("determinism") or {}
+    rows = [
+        ("status", f"**{data['status']}** (exit code {data['exit_code']})"),
+        ("verdict", data.get("message") or "-"),
+        ("score", gating.get("text", "-")),
+        ("gate", f"{data['gate']} by the {data['gating_parser']} parser"),
+        ("platform", f"{env.get('vendor', '-')} {env.get('arch', '-')} x{env.get('gpu_count', '-')}"),
+        (
+            "SGLang",
+            str((data.get("provenance") or {}).get("sglang_installed") or env.get("sglang_version", "-")),
+        ),
+        ("attention backend", str(plan.get("attention_backend", "-"))),
+        ("deterministic", str(plan.get("deterministic", "-"))),
+        ("determinism check", str(det.get("reason", "not run"))),
+        ("report", data["report"]["summary"]),
+    ]
+    lines = ["### mlaprop: MGSM-en MLA FP8", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
+    return "\n".join(lines) + "\n\n"

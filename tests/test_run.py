@@ -195,11 +195,13 @@ class TestServerFailures:
     """Server failures: a clear reason and partial results on disk."""
 
     def test_server_dies_mid_eval(self, tmp_path: Path, mgsm_dir: Path) -> None:
-        """The simulated server exits after 60 requests: aborted, exit 1, what finished is kept."""
+        """The simulated server exits after 60 requests: aborted, exit 3, the ABORTED line names the log line
+        saying why, what finished is kept."""
         code = _run(tmp_path, mgsm_dir, sim_args=("--sim-die-after-requests", "60"), limit=200)
         s = _summary(tmp_path)
-        assert code == EXIT_FAIL
+        assert code == EXIT_INFRA
         assert s["status"] == "aborted"
+        assert "(server log: " in s["message"] and "RuntimeError: simulated crash after" in s["message"]
         assert s["message"].startswith("verdict: ABORTED - ")
         m = s["mgsm"]
         assert 40 <= m["answered"] <= 60
@@ -217,7 +219,7 @@ class TestServerFailures:
             tmp_path, mgsm_dir, sim_args=("--sim-error-every", "3", "--sim-error-status", "400"), limit=100
         )
         s = _summary(tmp_path)
-        assert (code, s["status"]) == (EXIT_FAIL, "aborted")
+        assert (code, s["status"]) == (EXIT_INFRA, "aborted")
         assert "over the 5% bound" in s["error"]["message"]
         assert s["mgsm"]["errors"] > 5
         out, err = capsys.readouterr()
@@ -258,10 +260,10 @@ class TestServerFailures:
         assert max(i["attempts"] for i in _items(tmp_path)) == 2
 
     def test_crash_at_start(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
-        """A server that exits before it is ready: exit 1, the reason (stderr's first line), no MGSM."""
+        """A server that exits before it is ready: exit 3 (infrastructure), the reason (stderr's first line), no MGSM."""
         code = _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3"))
         s = _summary(tmp_path)
-        assert (code, s["status"], s["error"]["stage"]) == (EXIT_FAIL, "server-failed", "launch")
+        assert (code, s["status"], s["error"]["stage"]) == (EXIT_INFRA, "server-failed", "launch")
         assert "exited with code 3" in s["message"]
         assert s["mgsm"] is None
         out, err = capsys.readouterr()
@@ -279,7 +281,7 @@ class TestServerFailures:
         monkeypatch.setattr(server.Server, "stop", leaky_stop)
         code = _run(tmp_path, mgsm_dir, accuracy=1.0, limit=10, determinism=False)
         s = _summary(tmp_path)
-        assert (code, s["status"], s["exit_code"]) == (EXIT_FAIL, "teardown-failed", EXIT_FAIL)
+        assert (code, s["status"], s["exit_code"]) == (EXIT_INFRA, "teardown-failed", EXIT_INFRA)
         assert s["mgsm"]["verdict"] == "pass"
         assert s["teardown_error"].startswith("1 process survived SIGKILL")
 

@@ -22,6 +22,8 @@ from mlaprop.planview import plan_to_dict, shell_command
 from mlaprop.preflight import PreflightError
 from mlaprop.redact import redact
 
+from .common import one_line_errors
+
 __all__ = ["COMMANDS", "build_parser", "main", "plan_to_dict", "shell_command"]
 
 #: command -> (module, function adding its parser, one-line help). Only the chosen command's module is
@@ -58,6 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Compose, launch and verify SGLang's MLA FP8 server test on NVIDIA and AMD GPUs.",
     )
     parser.add_argument("--version", action="version", version=f"mlaprop {__version__}")
+    one_line_errors(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, adder, help_text) in COMMANDS.items():
         if command is None or name == command:

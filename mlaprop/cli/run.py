@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 from mlaprop import options as o
 from mlaprop.determinism import DEFAULT_BATCH_SIZES, DEFAULT_PREFIX_LENGTHS
@@ -18,6 +22,7 @@ from mlaprop.job import evaluate, run
 from mlaprop.mgsm import LANGUAGES, Parser
 from mlaprop.options import SMOKE_QUESTIONS, EvalOptions, RunOptions
 from mlaprop.report import Reporter
+from mlaprop.server import Terminated
 from mlaprop.stats import DEFAULT_GATE
 
 from .common import (
@@ -153,6 +158,34 @@ def _eval_options(
     )
 
 
+#: GitHub Actions' step summary file: a Markdown report is appended there when it is set.
+STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
+
+
+def _reporter(env_vars: Mapping[str, str]) -> Reporter:
+    return Reporter(step_summary_path=env_vars.get(STEP_SUMMARY_VARIABLE) or None)
+
+
+@contextlib.contextmanager
+def _hangup_and_term_end_the_job() -> Iterator[None]:
+    """SIGHUP and SIGTERM raise :class:`mlaprop.server.Terminated` (exit 128 + signal) while the job runs,
+    so the report records how it ended instead of staying at ``running`` (the launcher installs its own
+    SIGTERM handler while a server runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
     env_vars = os.environ if environ is None else environ
     request = request_from_args(args)
@@ -174,7 +207,8 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     opts = _eval_options(args, env_vars, {"auto": None, "on": True, "off": False}[args.determinism], None)
     if args.smoke:
         opts = replace(opts, gated=False, limit=opts.limit or SMOKE_QUESTIONS)
-    return run(run_opts, opts, reporter=Reporter())
+    with _hangup_and_term_end_the_job():
+        return run(run_opts, opts, reporter=_reporter(env_vars))
 
 
 def _header_safe(value: str) -> bool:
@@ -184,7 +218,7 @@ def _header_safe(value: str) -> bool:
 
 def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
     env_vars = os.environ if environ is None else environ
-    reporter = Reporter()
+    reporter = _reporter(env_vars)
     api_key = None
     if args.api_key_env:
         api_key = env_vars.get(args.api_key_env)
@@ -203,7 +237,8 @@ def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> in
             )
             return ExitCode.USAGE
     opts = _eval_options(args, env_vars, bool(args.determinism), api_key)
-    return evaluate(args.base_url, opts, reporter=reporter)
+    with _hangup_and_term_end_the_job():
+        return evaluate(args.base_url, opts, reporter=reporter)
 
 
 def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str) -> None:
