@@ -242,3 +242,50 @@ class TestModelShape:
         """A model starting with '-' or padded with spaces is refused before any launch."""
         code, out, err = _run(capsys, "compose", "--arch", "sm90", f"--model={model}")
         assert (code, out) == (2, "") and "would be read as an option or padded path" in err
+
+
+class TestCommandLineShape:
+    """Usage errors name their cause first; repeated ``--server-args`` add up; light commands stay light."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [("nosuch",), ("compose", "--bogus"), ("run", "--limit", "0"), ("eval",), ("env", "--gpus", "x")],
+    )
+    def test_usage_error_prints_the_cause_first(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Exit 2 and one line starting ``mlaprop: error:`` (regression: the usage block came first)."""
+        code, out, err = _run(capsys, *argv)
+        assert (code, out) == (2, "")
+        assert err.startswith("mlaprop: error: ") and len(err.splitlines()) == 1
+        assert "usage:" not in err
+
+    def test_repeated_server_args_are_appended(self, capsys):  # type: ignore[no-untyped-def]
+        """A second ``--server-args`` adds its words after the first's (regression: silently replaced)."""
+        code, out, err = _run(
+            capsys,
+            "compose",
+            "--arch",
+            "sm90",
+            "--server-args",
+            "--mem-fraction-static 0.8",
+            "--server-args=--disable-cuda-graph",
+            "--",
+            "--log-level",
+            "info",
+        )
+        assert code == 0, err
+        assert out.splitlines()[0].endswith("--mem-fraction-static 0.8 --disable-cuda-graph --log-level info")
+
+    @pytest.mark.parametrize("command", [["compose", "--arch", "sm90", "--explain"], ["env"], ["--help"]])
+    def test_light_commands_import_no_http_client(self, command):  # type: ignore[no-untyped-def]
+        """``compose`` / ``env`` / ``--help`` never import requests, urllib3 or tqdm (start-up time)."""
+        code = (
+            "import sys\nfrom mlaprop.cli import main\n"
+            f"rc = main({command!r}, environ={{'MLAPROP_VENDOR': 'nvidia', 'MLAPROP_ARCH': 'sm90'}})\n"
+            "heavy = sorted(m for m in ('requests', 'urllib3', 'tqdm', 'psutil') if m in sys.modules)\n"
+            "print(rc, heavy)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "0 []"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,11 +18,16 @@ import pytest
 from mlaprop import job, server
 from mlaprop.cli import main
 from mlaprop.environment import Environment, LaunchRequest, Vendor
+from mlaprop.evalclient import EvalResult, ItemRecord
 from mlaprop.exitcodes import ExitCode
 from mlaprop.job import evaluate, run
 from mlaprop.mgsm import load_dataset
 from mlaprop.options import EvalOptions, InvalidOptions, RunOptions
+from mlaprop.report import ReportWriter
 from tests.eval_fixtures import mgsm_path
+from tests.test_report import schema_problems
+
+SCHEMA = Path(job.__file__).parent / "summary.schema.json"
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = ExitCode.OK, ExitCode.QUALITY, ExitCode.USAGE
 EXIT_INFRA, EXIT_INTERRUPTED = ExitCode.INFRASTRUCTURE, ExitCode.SIGINT
@@ -204,7 +214,7 @@ class TestServerFailures:
         assert "(server log: " in s["message"] and "RuntimeError: simulated crash after" in s["message"]
         assert s["message"].startswith("verdict: ABORTED - ")
         m = s["mgsm"]
-        assert 40 <= m["answered"] <= 60
+        assert 40 <= m["answered"] <= 60 + 16  # requests in flight when the server died may still be answered
         assert m["aborted"] == s["error"]["message"]
         assert m["answered"] + m["errors"] + m["missing"] == 200
         items = _items(tmp_path)
@@ -766,3 +776,176 @@ class TestVerdictAndKeyHandling:
         TestUsageErrors._cli(capsys, argv)
         text = (tmp_path / "e" / "summary.json").read_text()
         assert "pw1234" not in text and "http://***@127.0.0.1:1" in text
+
+
+class TestCIView:
+    """What a CI job sees: exit code per failure class, a truthful and documented summary.json with
+    provenance, items in question order, heartbeats, the step summary, and the ``MLAPROP_*`` defaults."""
+
+    def test_summary_matches_its_schema_with_provenance(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A finished run's summary.json passes the shipped schema and carries host, versions, finish time
+        and retry counts (5xx retries included)."""
+        code = _run(
+            tmp_path,
+            mgsm_dir,
+            accuracy=1.0,
+            sim_args=("--sim-error-every", "10"),
+            limit=20,
+            determinism=False,
+        )
+        s = _summary(tmp_path)
+        assert code == EXIT_OK
+        assert schema_problems(s, json.loads(SCHEMA.read_text())) == []
+        p = s["provenance"]
+        assert p["host"] and p["mlaprop_version"] == s["mlaprop_version"] and p["simulated"] is True
+        assert {
+            "gpu_model",
+            "gpu_driver",
+            "cuda_version",
+            "rocm_version",
+            "torch_version",
+            "sglang_installed",
+        } <= set(p)
+        assert s["finished_at"] >= s["started_at"] and s["ended_by_signal"] is None
+        assert s["mgsm"]["retries"]["requests_retried"] >= 1
+        assert s["mgsm"]["retries"]["extra_attempts"] >= s["mgsm"]["retries"]["requests_retried"]
+
+    def test_failed_start_matches_the_schema(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A server that never started: still a valid summary (error section, no MGSM), exit 3."""
+        assert _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3")) == EXIT_INFRA == 3
+        assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
+
+    def test_items_in_question_order_with_the_question(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """16 requests in flight finish in any order; items.jsonl is in question order with the question."""
+        assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40, determinism=False) == EXIT_OK
+        items = _items(tmp_path)
+        questions = [row.question for row in load_dataset(mgsm_path(mgsm_dir)).items[:40]]
+        assert [i["index"] for i in items] == list(range(40))
+        assert [i["question"] for i in items] == questions
+
+    def test_determinism_error_is_infrastructure(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A determinism check that could not finish (status ERROR) exits 3, a FAIL exits 1."""
+        result = EvalResult("en", 0, (), 0.0, "m")
+        opts = _opts(tmp_path, mgsm_dir, gated=False)
+        error = SimpleNamespace(passed=False, status="ERROR", reason="server died")
+        fail = SimpleNamespace(passed=False, status="FAIL", reason="2 distinct outputs")
+        rec = _opts(tmp_path, mgsm_dir)
+        assert job.decide(result, error, opts).exit_code == ExitCode.INFRASTRUCTURE  # type: ignore[arg-type]
+        assert job.decide(result, fail, rec).exit_code == ExitCode.QUALITY  # type: ignore[arg-type]
+
+    def test_heartbeat_lines_outside_a_terminal(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """Not on a terminal, a heartbeat line names the stage and the progress every period."""
+        code = _run(tmp_path, mgsm_dir, limit=8, concurrency=1, determinism=False, heartbeat_s=0.05)
+        assert code in (EXIT_OK, EXIT_FAIL)
+        beats = [x for x in capsys.readouterr().out.splitlines() if x.startswith("heartbeat: ")]
+        assert any(x.startswith("heartbeat: MGSM-en, ") and "questions answered" in x for x in beats)
+
+    def test_environment_defaults_and_step_summary(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """``MLAPROP_DATASET`` / ``MLAPROP_REPORT_DIR`` are the CLI's defaults (regression: only the GPU
+        tests read them), and ``GITHUB_STEP_SUMMARY`` gets a Markdown summary."""
+        step = tmp_path / "step.md"
+        environ = {
+            "MLAPROP_DATASET": str(mgsm_path(mgsm_dir)),
+            "MLAPROP_REPORT_DIR": str(tmp_path / "from-env"),
+            "GITHUB_STEP_SUMMARY": str(step),
+        }
+        argv = [
+            "run",
+            "--simulate",
+            "--limit",
+            "5",
+            "--sim-accuracy",
+            "1",
+            "--determinism",
+            "off",
+            "--no-progress",
+        ]
+        assert main(argv, environ=environ) == EXIT_OK
+        s = json.loads((tmp_path / "from-env" / "summary.json").read_text())
+        assert s["dataset"]["path"] == str(mgsm_path(mgsm_dir))
+        assert "| status | **pass** (exit code 0) |" in step.read_text()
+
+    def test_second_run_into_a_busy_folder_is_refused(
+        self, tmp_path: Path, mgsm_dir: Path, capsys: Any
+    ) -> None:
+        """A report folder another run is writing into: exit 2 before launch, the other run's files kept."""
+        with ReportWriter(tmp_path / "report") as other:
+            other.record(_item(0))
+            code = _run(tmp_path, mgsm_dir, limit=3)
+        assert code == EXIT_USAGE
+        assert "another mlaprop run is writing into" in capsys.readouterr().err
+        assert len(_items(tmp_path)) == 1
+
+
+def _item(index: int) -> Any:
+    return ItemRecord(f"mgsm_en_{index:03d}", index, "1", "1", "1", "1", True, True, None, 0.1, 1, "stop", 1)
+
+
+def _cli_process(argv: list[str], **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlaprop.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+@pytest.mark.slow
+class TestSignals:
+    """A real process, a real signal: the summary says how the job ended, never ``running``."""
+
+    def _start(self, tmp_path: Path, mgsm_dir: Path, **env: str) -> tuple[subprocess.Popen[str], Path]:
+        report = tmp_path / "r"
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        argv += ["--sim-latency", "0.2", "--concurrency", "2", "--limit", "200", "--no-progress"]
+        proc = _cli_process(argv, **env)
+        _wait_for(report / "items.jsonl", "mgsm_en_")
+        return proc, report
+
+    def test_sighup_is_recorded(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """SIGHUP during the eval: torn down, exit 129, status interrupted (regression: left at running)."""
+        proc, report = self._start(tmp_path, mgsm_dir)
+        proc.send_signal(signal.SIGHUP)
+        proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert (proc.returncode, s["status"], s["exit_code"], s["ended_by_signal"]) == (
+            129,
+            "interrupted",
+            129,
+            "SIGHUP",
+        )
+
+    @pytest.mark.parametrize("gap_s", [0.0, 0.05, 0.15])
+    def test_double_ctrl_c_is_recorded(self, tmp_path: Path, mgsm_dir: Path, gap_s: float) -> None:
+        """Two Ctrl-C in a row (during teardown, or after the report was final): the process ends 130 and
+        the summary says so, naming SIGINT (regression: killed by the second signal, -2, while the summary
+        said 130)."""
+        proc, report = self._start(tmp_path, mgsm_dir)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap_s)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert proc.returncode == s["exit_code"] == 130
+        assert (s["status"], s["ended_by_signal"]) == ("interrupted", "SIGINT")
+
+    def test_ascii_console(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """PYTHONIOENCODING=ascii: the run passes and prints '+/-' (regression: UnicodeEncodeError on '±')."""
+        report = tmp_path / "a"
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        argv += ["--limit", "5", "--sim-accuracy", "1", "--determinism", "off"]
+        proc = _cli_process(argv, PYTHONIOENCODING="ascii")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "+/-0.000 s.e." in out

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 from mlaprop import __version__
@@ -53,8 +55,8 @@ _STRING_OPTIONS = ("--server-args", "--sim-args")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser for ``mlaprop``; with ``command``, only that command's options are built (and
-    its module imported), the others are listed by name and help."""
+    """The argument parser for ``mlaprop``; ``None`` builds every command; a command name builds only that
+    command's options (and imports its module), the others are listed by name and help (``""``: none)."""
     parser = argparse.ArgumentParser(
         prog="mlaprop",
         description="Compose, launch and verify SGLang's MLA FP8 server test on NVIDIA and AMD GPUs.",
@@ -92,7 +94,9 @@ def _glue_string_options(tokens: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run ``mlaprop``; returns the exit code (:class:`mlaprop.exitcodes.ExitCode`).
 
-    ``environ`` replaces ``os.environ`` for detection, preflight and the ``MLAPROP_*`` defaults.
+    ``environ`` replaces ``os.environ`` for detection, preflight and the ``MLAPROP_*`` defaults. Called
+    without ``argv`` (the console command), SIGINT is ignored once the command has returned, so the exit
+    code recorded in ``summary.json`` is the one the process ends with.
     """
     tokens = _glue_string_options(list(sys.argv[1:] if argv is None else argv))
     server_argv: list[str] = []
@@ -100,14 +104,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         cut = tokens.index("--")
         tokens, server_argv = tokens[:cut], tokens[cut + 1 :]
     chosen = next((t for t in tokens if not t.startswith("-")), None)
-    parser = build_parser(chosen if chosen in COMMANDS else None)
+    parser = build_parser(chosen if chosen in COMMANDS else "")  # "": every command as a help-only stub
     try:
         args = parser.parse_args(tokens)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     args.server_argv = server_argv
     try:
-        return int(args.func(args, environ))
+        code = int(args.func(args, environ))
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # The console command is done and its report final: a late Ctrl-C must not turn the recorded
+            # exit code into a death by signal while the interpreter exits.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except UsageError as exc:  # its message starts with the option's flag
         print(redact(f"mlaprop: error: {exc}"), file=sys.stderr)
         return ExitCode.USAGE
@@ -115,6 +124,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(redact(f"mlaprop: error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return ExitCode.USAGE
     except KeyboardInterrupt:
+        if argv is None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("mlaprop: interrupted", file=sys.stderr)
         return ExitCode.SIGINT
 

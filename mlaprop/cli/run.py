@@ -167,18 +167,30 @@ def _reporter(env_vars: Mapping[str, str]) -> Reporter:
 
 
 @contextlib.contextmanager
-def _hangup_and_term_end_the_job() -> Iterator[None]:
-    """SIGHUP and SIGTERM raise :class:`mlaprop.server.Terminated` (exit 128 + signal) while the job runs,
+def _signals_end_the_job(reporter: Reporter) -> Iterator[None]:
+    """While the job runs: SIGHUP and SIGTERM raise :class:`mlaprop.server.Terminated` (exit 128 + signal)
     so the report records how it ended instead of staying at ``running`` (the launcher installs its own
-    SIGTERM handler while a server runs)."""
+    SIGTERM handler while a server runs); the first SIGINT raises ``KeyboardInterrupt`` and later ones are
+    ignored, so a second Ctrl-C cannot kill the process by signal while it tears down and writes the
+    report (teardown is bounded: the grace period plus about 10 s). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    interrupts = 0
 
     def terminated(signum: int, frame: FrameType | None) -> None:
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            raise KeyboardInterrupt
+        if interrupts == 2:
+            reporter.error("mlaprop: interrupted again; finishing teardown and the report, then exiting 130")
+
+    handlers = {signal.SIGHUP: terminated, signal.SIGTERM: terminated, signal.SIGINT: interrupted}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:
@@ -207,8 +219,9 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     opts = _eval_options(args, env_vars, {"auto": None, "on": True, "off": False}[args.determinism], None)
     if args.smoke:
         opts = replace(opts, gated=False, limit=opts.limit or SMOKE_QUESTIONS)
-    with _hangup_and_term_end_the_job():
-        return run(run_opts, opts, reporter=_reporter(env_vars))
+    reporter = _reporter(env_vars)
+    with _signals_end_the_job(reporter):
+        return run(run_opts, opts, reporter=reporter)
 
 
 def _header_safe(value: str) -> bool:
@@ -237,7 +250,7 @@ def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> in
             )
             return ExitCode.USAGE
     opts = _eval_options(args, env_vars, bool(args.determinism), api_key)
-    with _hangup_and_term_end_the_job():
+    with _signals_end_the_job(reporter):
         return evaluate(args.base_url, opts, reporter=reporter)
 
 
