@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from mlaprop.options import base_url as check_base_url
 from mlaprop.planview import environment_to_dict, plan_to_dict
 from mlaprop.preflight import PreflightError, preflight
 from mlaprop.provenance import collect_provenance
+from mlaprop.redact import is_secret_name
 from mlaprop.report import (
     ErrorInfo,
     Reporter,
@@ -54,6 +56,7 @@ from mlaprop.report import (
     determinism_summary,
     mgsm_summary,
     redact_file,
+    with_secrets,
 )
 from mlaprop.stats import Verdict
 from mlaprop.tinymodel import TinyModelError, write_tiny_mla
@@ -144,6 +147,12 @@ class JobRecord:
 
     def say(self, line: str) -> None:
         self.reporter.say(line)
+
+    def add_secrets(self, values: Iterable[str | None]) -> None:
+        """Mask these values, by value, in everything printed or written from now on (console, summary,
+        items, server log)."""
+        redactor = with_secrets(self.reporter.redactor, values)
+        self.reporter.redactor = self.writer.redactor = redactor
 
     def error(self, line: str) -> None:
         self.reporter.error(line)
@@ -511,6 +520,7 @@ def evaluate(base_url: str, opts: EvalOptions, *, reporter: Reporter | None = No
         dataset = _dataset_stage(job, opts)
         if dataset is None:
             return ExitCode.USAGE
+        job.add_secrets([opts.api_key, *_secret_values(None)])
         job.summary.server = ServerInfo(base_url)
         job.summary.provenance = collect_provenance(None, simulated=False)
         config = opts.client_config()
@@ -550,6 +560,12 @@ def run(run_opts: RunOptions, opts: EvalOptions, *, reporter: Reporter | None = 
     except BaseException as exc:
         job.stopped(exc)
         raise
+
+
+def _secret_values(env_vars: Mapping[str, str] | None) -> list[str]:
+    """Values of secret-named environment variables (``HF_TOKEN``, ``*_API_KEY``): masked by value."""
+    env = os.environ if env_vars is None else env_vars
+    return [v for k, v in env.items() if is_secret_name(k)]
 
 
 def _sim_args(env: Environment, dataset: MgsmDataset, run_opts: RunOptions) -> list[str]:
@@ -604,7 +620,9 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         SIMSERVER_COMMAND if run_opts.simulate else srv.DEFAULT_COMMAND_PREFIX
     )
     extra = _sim_args(env, dataset, run_opts) if run_opts.simulate else []
-    config = opts.client_config(server_options(plan.argv, plan.sglang_version).api_key)
+    api_key = server_options(plan.argv, plan.sglang_version).api_key
+    job.add_secrets([api_key, opts.api_key, *_secret_values(run_opts.env_vars)])
+    config = opts.client_config(api_key)
     log_path = opts.report_dir / "server.log"
     try:  # the launcher appends: each run starts its own log
         log_path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -33,7 +33,7 @@ from typing import Any, TextIO, cast
 from mlaprop.determinism import DeterminismResult
 from mlaprop.evalclient import EvalResult, ItemRecord, percentile
 from mlaprop.mgsm import MgsmDataset, Parser
-from mlaprop.redact import redact, redact_argv
+from mlaprop.redact import MASK, redact, redact_argv
 from mlaprop.stats import DEFAULT_GATE, Score
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "redact_tree",
     "score_json",
     "step_summary_markdown",
+    "with_secrets",
 ]
 
 SUMMARY_FILE = "summary.json"
@@ -68,6 +69,23 @@ SCHEMA_VERSION = 1
 
 #: A redactor: text in, the same text with every secret masked.
 Redactor = Callable[[str], str]
+
+
+def with_secrets(redactor: Redactor, secrets: Iterable[str | None]) -> Redactor:
+    """``redactor`` that first masks each known secret value wherever it appears (a key in a log line with
+    no flag name beside it). Values shorter than 4 characters are left to ``redactor`` (masking them would
+    mangle ordinary text). The by-value ``mlaprop.redact.Redactor(secrets)`` replaces this when it lands.
+    """
+    values = sorted({v for v in secrets if v and len(v) >= 4}, key=len, reverse=True)
+    if not values:
+        return redactor
+
+    def masked(text: str) -> str:
+        for value in values:
+            text = text.replace(value, MASK)
+        return redactor(text)
+
+    return masked
 
 
 def redact_tree(value: Any, redactor: Redactor = redact) -> Any:

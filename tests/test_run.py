@@ -840,6 +840,35 @@ class TestCIView:
         beats = [x for x in capsys.readouterr().out.splitlines() if x.startswith("heartbeat: ")]
         assert any(x.startswith("heartbeat: MGSM-en, ") and "questions answered" in x for x in beats)
 
+    def test_heartbeat_during_server_start(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A slow server start (0.4 s of simulated imports) gets heartbeat lines too."""
+        code = _run(
+            tmp_path,
+            mgsm_dir,
+            limit=2,
+            determinism=False,
+            heartbeat_s=0.05,
+            sim_args=("--sim-import-delay", "0.4"),
+        )
+        assert code in (EXIT_OK, EXIT_FAIL)
+        out = capsys.readouterr().out
+        assert "heartbeat: server start-up, 0 s, not ready yet" in out
+
+    def test_secret_values_are_masked_everywhere(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """The value of a secret-named variable is masked by value in the console, summary, items and the
+        server log, even where no secret flag name stands beside it."""
+        secret = "plainvalue123"
+        argv = ["run", "--simulate", "--limit", "3", "--sim-accuracy", "1", "--determinism", "off"]
+        argv += ["--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(tmp_path / "report")]
+        argv += ["--server-log", "--served-model", secret, f"--server-args=--served-model-name {secret}"]
+        assert main(argv, environ={"SERVICE_TOKEN": secret}) == EXIT_OK
+        console = capsys.readouterr()
+        report = tmp_path / "report"
+        files = [(report / f).read_text() for f in ("summary.json", "items.jsonl", "server.log")]
+        texts = [console.out, console.err, *files]
+        assert all(secret not in t for t in texts)
+        assert "--served-model-name ***" in (report / "summary.json").read_text()
+
     def test_environment_defaults_and_step_summary(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """``MLAPROP_DATASET`` / ``MLAPROP_REPORT_DIR`` are the CLI's defaults (regression: only the GPU
         tests read them), and ``GITHUB_STEP_SUMMARY`` gets a Markdown summary."""
