@@ -216,6 +216,7 @@ class JobRecord:
         elif self.summary.exit_code != code:  # after the verdict (during teardown)
             self.summary.exit_code = code
             self.summary.message = f"{self.summary.message}; then ended by {detail}"
+            self.summary.finished_at = _now()
             self.save()
             self.error(f"mlaprop: ended by {detail} after the verdict; exit code {code}")
         return code
@@ -673,6 +674,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         # the verdict, if one was reached, stays in the report; processes left behind fail the run
         job.summary.teardown_error = str(exc)
         job.summary.status, job.summary.exit_code = Status.TEARDOWN_FAILED, EXIT_INFRA
+        job.summary.finished_at = _now()
         job.save()
         job.error(f"mlaprop: server teardown failed: {exc.headline}")
         return EXIT_INFRA

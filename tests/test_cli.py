@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import mlaprop
 from mlaprop.cli import main
 
 
@@ -289,3 +292,38 @@ class TestCommandLineShape:
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == "0 []"
+
+
+def _mlaprop_imports(path: Path) -> set[str]:
+    """Top-level and nested ``mlaprop`` modules imported by one source file (relative imports resolved)."""
+    package = "mlaprop.cli" if path.parent.name == "cli" else "mlaprop"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = f"{package}.{module}" if module else package
+            if module.startswith("mlaprop"):
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mlaprop"))
+    return found
+
+
+def test_layers_import_one_way():
+    """cli -> job -> report, never back: the job and the report import nothing of the CLI, the report
+    nothing of the job, and the pure core nothing of the three (no cycle, no function-local workaround)."""
+    root = Path(mlaprop.__file__).parent
+    lower = {
+        "job.py": ("mlaprop.cli",),
+        "options.py": ("mlaprop.cli", "mlaprop.job"),
+        "report.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.options"),
+        "compose.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.report", "mlaprop.server"),
+        "detect.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.report", "mlaprop.server"),
+        "server.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.options"),
+    }
+    for name, forbidden in lower.items():
+        imported = _mlaprop_imports(root / name)
+        assert not {m for m in imported if m.startswith(forbidden)}, name
+    assert len((root / "runner.py").read_text().splitlines()) < 300
