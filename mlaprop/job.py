@@ -53,6 +53,7 @@ from mlaprop.report import (
     Status,
     Summary,
     dataset_summary,
+    determinism_status,
     determinism_summary,
     mgsm_summary,
     redact_file,
@@ -408,14 +409,6 @@ def determinism(
     job.save()
     job.say(f"determinism: {result.reason}")
     return result
-
-
-def determinism_status(result: DeterminismResult) -> str:
-    """``"pass"``, ``"fail"`` (outputs differ: quality) or ``"error"`` (could not finish: infrastructure)."""
-    status = getattr(result, "status", None)
-    if status is not None:
-        return str(getattr(status, "value", status)).lower()
-    return "pass" if result.passed else "fail"
 
 
 @dataclass(frozen=True)

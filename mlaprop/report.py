@@ -51,6 +51,7 @@ __all__ = [
     "Summary",
     "atomic_write",
     "dataset_summary",
+    "determinism_status",
     "determinism_summary",
     "item_json",
     "mgsm_summary",
@@ -424,9 +425,19 @@ def mgsm_summary(result: EvalResult, parser: Parser, gate: float = DEFAULT_GATE)
     }
 
 
+def determinism_status(result: DeterminismResult) -> str:
+    """``"pass"``, ``"fail"`` (outputs differ: quality) or ``"error"`` (the check could not finish:
+    infrastructure). Reads ``result.status`` where the result has one, else ``passed``."""
+    status = getattr(result, "status", None)
+    if status is not None:
+        return str(getattr(status, "value", status)).lower()
+    return "pass" if result.passed else "fail"
+
+
 def determinism_summary(result: DeterminismResult) -> dict[str, Any]:
     """The determinism part of the summary: verdict, and distinct outputs per prompt."""
     return {
+        "status": determinism_status(result),
         "passed": result.passed,
         "reason": result.reason,
         "requests": result.requests,
