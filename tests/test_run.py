@@ -955,6 +955,25 @@ class TestSignals:
             "SIGHUP",
         )
 
+    def test_sigterm_during_eval_is_recorded(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """``mlaprop eval`` (no launcher of its own) on SIGTERM: exit 143 and the summary says so."""
+        sim = (*job.SIMSERVER_COMMAND,)
+        args = ["--sim-dataset", str(mgsm_path(mgsm_dir)), "--sim-latency", "0.2"]
+        report = tmp_path / "e"
+        with server.launch(model="m", command_prefix=sim, extra_args=args, ready_timeout=20, grace=2) as srv:
+            argv = ["eval", "--base-url", srv.base_url, "--dataset", str(mgsm_path(mgsm_dir))]
+            proc = _cli_process([*argv, "--report-dir", str(report), "--concurrency", "2", "--no-progress"])
+            _wait_for(report / "items.jsonl", "mgsm_en_")
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert (proc.returncode, s["status"], s["exit_code"], s["ended_by_signal"]) == (
+            143,
+            "interrupted",
+            143,
+            "SIGTERM",
+        )
+
     @pytest.mark.parametrize("gap_s", [0.0, 0.05, 0.15])
     def test_double_ctrl_c_is_recorded(self, tmp_path: Path, mgsm_dir: Path, gap_s: float) -> None:
         """Two Ctrl-C in a row (during teardown, or after the report was final): the process ends 130 and
