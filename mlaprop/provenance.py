@@ -12,16 +12,40 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlaprop import __version__
 from mlaprop.environment import Environment, Vendor
 
-__all__ = ["collect_provenance", "package_version"]
+__all__ = ["Provenance", "collect_provenance", "package_version"]
 
 #: Seconds a probe command may take.
 PROBE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where and with what a run ran (``None``: unknown). Field names are ``summary.json``'s
+    ``provenance`` keys (stable: dashboards and ``mlaprop compare`` read them)."""
+
+    host: str
+    os: str
+    python: str
+    mlaprop_version: str
+    simulated: bool
+    gpu_model: str | None = None
+    gpu_driver: str | None = None
+    cuda_version: str | None = None
+    rocm_version: str | None = None
+    torch_version: str | None = None
+    sglang_installed: str | None = None
+    sglang_rules: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object in ``summary.json``."""
+        return asdict(self)
 
 
 def package_version(name: str) -> str | None:
@@ -72,11 +96,11 @@ def _read(path: str) -> str | None:
         return None
 
 
-def collect_provenance(environment: Environment | None, *, simulated: bool) -> dict[str, Any]:
+def collect_provenance(environment: Environment | None, *, simulated: bool) -> Provenance:
     """The run's provenance: GPU model and driver, CUDA/ROCm, torch, the installed SGLang, host, Python and
     mlaprop versions. ``environment`` (``None`` for ``eval``) gives the vendor to probe and torch's CUDA.
 
-    Returns a JSON-ready dict with stable keys (``None`` where unknown).
+    Never raises: a probe that fails leaves its field ``None``.
     """
     vendor = environment.vendor if environment is not None else None
     gpu_model = driver = rocm = None
@@ -85,17 +109,17 @@ def collect_provenance(environment: Environment | None, *, simulated: bool) -> d
             gpu_model, driver = _nvidia()
         elif vendor is Vendor.AMD:
             gpu_model, driver, rocm = _amd()
-    return {
-        "host": socket.gethostname(),
-        "os": platform.platform(),
-        "python": sys.version.split()[0],
-        "mlaprop_version": __version__,
-        "simulated": simulated,
-        "gpu_model": gpu_model,
-        "gpu_driver": driver,
-        "cuda_version": environment.cuda_version if environment is not None else None,
-        "rocm_version": rocm,
-        "torch_version": package_version("torch"),
-        "sglang_installed": package_version("sglang"),
-        "sglang_rules": environment.sglang_version if environment is not None else None,
-    }
+    return Provenance(
+        host=socket.gethostname(),
+        os=platform.platform(),
+        python=sys.version.split()[0],
+        mlaprop_version=__version__,
+        simulated=simulated,
+        gpu_model=gpu_model,
+        gpu_driver=driver,
+        cuda_version=environment.cuda_version if environment is not None else None,
+        rocm_version=rocm,
+        torch_version=package_version("torch"),
+        sglang_installed=package_version("sglang"),
+        sglang_rules=environment.sglang_version if environment is not None else None,
+    )

@@ -33,6 +33,7 @@ from typing import Any, TextIO, cast
 from mlaprop.determinism import DeterminismResult
 from mlaprop.evalclient import EvalResult, ItemRecord, percentile
 from mlaprop.mgsm import MgsmDataset, Parser
+from mlaprop.provenance import Provenance
 from mlaprop.redact import MASK, redact, redact_argv
 from mlaprop.stats import DEFAULT_GATE, Score
 
@@ -197,7 +198,7 @@ class Summary:
     ended_by_signal: str | None = None
     error: ErrorInfo | None = None
     teardown_error: str | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
     mlaprop_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -224,7 +225,7 @@ class Summary:
             "timings_s": dict(self.timings_s),
             "report": dict(self.report),
             "error": self.error.to_json() if self.error is not None else None,
-            "provenance": dict(self.provenance),
+            "provenance": self.provenance.to_json() if self.provenance is not None else None,
         }
         if self.teardown_error is not None:
             data["teardown_error"] = self.teardown_error
