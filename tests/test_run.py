@@ -436,6 +436,7 @@ class TestCommandLine:
         assert "simple-evals parser (gates): 1.000 (30/30, ±0.000 s.e., 95% CI 0.886-1.000)" in out
         assert "determinism: pass:" in out
         assert "verdict: PASS - MGSM-en 1.000 (30/30" in out
+        assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
 
     def test_eval_against_running_server(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """``eval --base-url`` scores a server someone else started, and reports it."""
@@ -459,6 +460,7 @@ class TestCommandLine:
         assert s["mgsm"]["scores"]["simple-evals"]["correct"] == 125
         assert s["determinism"] is None
         assert "verdict: FAIL - MGSM-en 0.500 (125/250" in capsys.readouterr().out
+        assert schema_problems(s, json.loads(SCHEMA.read_text())) == []
 
     def test_evaluate_dataset_error(self, tmp_path: Path) -> None:
         """A dataset error in ``eval`` is exit 2."""
