@@ -278,9 +278,13 @@ class TestCommandLineShape:
         assert code == 0, err
         assert out.splitlines()[0].endswith("--mem-fraction-static 0.8 --disable-cuda-graph --log-level info")
 
-    @pytest.mark.parametrize("command", [["compose", "--arch", "sm90", "--explain"], ["env"], ["--help"]])
+    @pytest.mark.parametrize(
+        "command",
+        [["compose", "--arch", "sm90", "--explain"], ["env"], ["--help"], ["preflight", "--no-sglang"]],
+    )
     def test_light_commands_import_no_http_client(self, command):  # type: ignore[no-untyped-def]
-        """``compose`` / ``env`` / ``--help`` never import requests, urllib3 or tqdm (start-up time)."""
+        """``compose`` / ``env`` / ``preflight`` / ``--help`` never import requests, urllib3, tqdm or psutil
+        (start-up time; the exit code is the command's own)."""
         code = (
             "import sys\nfrom mlaprop.cli import main\n"
             f"rc = main({command!r}, environ={{'MLAPROP_VENDOR': 'nvidia', 'MLAPROP_ARCH': 'sm90'}})\n"
@@ -291,7 +295,25 @@ class TestCommandLineShape:
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
         )
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines()[-1] == "0 []"
+        assert proc.stdout.splitlines()[-1] in ("0 []", "2 []")
+
+    def test_preflight_refusal_names_the_cause_first(self, capsys):  # type: ignore[no-untyped-def]
+        """``preflight`` for AMD on an NVIDIA preview: exit 2, one line naming both vendors."""
+        code, out, err = _run(
+            capsys,
+            "preflight",
+            "--expect-vendor",
+            "amd",
+            "--vendor",
+            "nvidia",
+            "--arch",
+            "sm90",
+            "--no-sglang",
+        )
+        assert (code, out) == (2, "")
+        assert err.splitlines()[0] == (
+            "mlaprop: error: PreflightError: wrong GPU vendor: this run expects AMD, but found NVIDIA sm90 x1."
+        )
 
 
 def _mlaprop_imports(path: Path) -> set[str]:
