@@ -3,8 +3,12 @@
 # 0.5.11, through the GPU test's MLAPROP_TP setting. Prepare on the CPU machine first:
 #   bash benchmarks/h200_prepare.sh
 # Then two device calls, back to back (the machine stays warm only ~30 s between calls; /tmp/site persists):
-#   run(kind="nvidia-h200-x2", carry=[".devwork/h200"],     command="bash benchmarks/h200_tp2.sh phase1")
-#   run(kind="nvidia-h200-x2", carry=[".devwork/h200-tox"], command="bash benchmarks/h200_tp2.sh phase2")
+#   run(kind="nvidia-h200-x2", carry=[".devwork/bundle.tar", ".devwork/h200", ".devwork/mgsm_en.tsv"],
+#       command="OUT=$OUT bash benchmarks/h200_tp2.sh phase1", timeout_s=600)
+#   run(kind="nvidia-h200-x2", carry=[".devwork/toxwheels", ".devwork/mgsm_en.tsv"],
+#       command="OUT=$OUT bash benchmarks/h200_tp2.sh phase2", timeout_s=600)
+# (If the machine went back between the calls, phase2 says so: carry the phase1 paths as well, minus nothing
+# else fits; or run phase1 again first.)
 # phase1: installs the bundle; nvidia-smi; `mlaprop env` (2 GPUs); `mlaprop compose --tp 2 --explain`;
 #         `--tp 3` refused before launch; the GPU test with MLAPROP_TP=2 MLAPROP_SMOKE=1 run by the image's
 #         python3 + pytest (no tox); nvidia-smi and leftover processes after; report files to $OUT.
@@ -26,20 +30,21 @@ smi() { nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,
 leftovers() { ps -eo pid,ppid,etimes,args | grep -E "sglang|mlaprop.simserver" | grep -v grep || echo "no sglang process left"; }
 step() { echo; echo "=== $(date -u +%T) $*"; }
 
+D=$REPO/.devwork
 if [ ! -f /tmp/site/.mlaprop-bundle ]; then
-  [ -f "$REPO/.devwork/h200/bundle.tar" ] || { echo "error: SGLang bundle not installed and .devwork/h200/bundle.tar not carried: run phase1 (carry .devwork/h200) first" >&2; exit 2; }
+  [ -f "$D/bundle.tar" ] && [ -f "$D/h200/on_device.sh" ] || { echo "error: the SGLang bundle is not installed on this machine and .devwork/bundle.tar + .devwork/h200 were not carried: run phase1 first (the machine may have gone back between calls)" >&2; exit 2; }
   step "installing the SGLang 0.5.11 bundle"
 fi
-if [ -f "$REPO/.devwork/h200/on_device.sh" ]; then
+if [ -f "$D/h200/on_device.sh" ]; then
   # shellcheck disable=SC1091
-  source "$REPO/.devwork/h200/on_device.sh" "$REPO/.devwork/h200/bundle.tar"
+  source "$D/h200/on_device.sh" "$D/bundle.tar"
 else
   export PYTHONPATH=/tmp/site TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SGLANG_ENABLE_JIT_DEEPGEMM=0
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 fi
-export MLAPROP_DATASET=$REPO/shared/data/mgsm/mgsm_en.tsv
-[ -f "$MLAPROP_DATASET" ] || export MLAPROP_DATASET=$REPO/../shared/data/mgsm/mgsm_en.tsv
-[ -f "$MLAPROP_DATASET" ] || unset MLAPROP_DATASET  # smoke mode scores 16 questions; without it, the run says so
+# offline (on_device.sh sets HF_HUB_OFFLINE=1): the MGSM file must be carried
+export MLAPROP_DATASET=$D/mgsm_en.tsv
+[ -f "$MLAPROP_DATASET" ] || { echo "error: .devwork/mgsm_en.tsv not carried (benchmarks/h200_prepare.sh writes it)" >&2; exit 2; }
 
 case $PHASE in
 phase1)
@@ -65,9 +70,9 @@ phase1)
   ;;
 phase2)
   step "installing tox from wheels"
-  [ -d "$REPO/.devwork/h200-tox" ] || { echo "error: .devwork/h200-tox not carried (run benchmarks/h200_prepare.sh, carry it)" >&2; exit 2; }
-  [ -f /tmp/toxsite/tox/__init__.py ] || $PY -m pip install -q --no-index --no-deps --target /tmp/toxsite "$REPO"/.devwork/h200-tox/*.whl || exit 2
-  export PIP_NO_INDEX=1 PIP_FIND_LINKS=$REPO/.devwork/h200-tox  # tox's pip: nothing from a registry
+  [ -d "$D/toxwheels" ] || { echo "error: .devwork/toxwheels not carried (benchmarks/h200_prepare.sh writes it)" >&2; exit 2; }
+  [ -f /tmp/toxsite/tox/__init__.py ] || $PY -m pip install -q --no-index --no-deps --target /tmp/toxsite "$D"/toxwheels/*.whl || exit 2
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS=$D/toxwheels  # tox's pip: nothing from a registry
   # tox runs with /tmp/toxsite on its own sys.path only: PYTHONPATH (passed into the env) stays /tmp/site
   TOX=("$PY" -c "import sys; sys.path.insert(0, '/tmp/toxsite'); from tox.run import run; sys.argv[0] = 'tox'; run()")
   step "GPUs before"; smi smi-before-tox.csv
