@@ -396,6 +396,11 @@ def determinism(
     opts = job.opts
     since = time.monotonic()
     job.stage = "determinism"
+
+    def keep(partial: DeterminismResult) -> None:  # answered waves survive an interrupt or a crash
+        job.summary.determinism = determinism_summary(partial)
+        job.save()
+
     with job.reporter.heartbeat("determinism check", opts.heartbeat_s, lambda: ""):
         result = check_determinism(
             base_url,
@@ -403,6 +408,7 @@ def determinism(
             prefix_lengths=opts.prefix_lengths,
             config=config,
             is_alive=is_alive,
+            on_progress=keep,
         )
     job.step("determinism", since)
     job.summary.determinism = determinism_summary(result)

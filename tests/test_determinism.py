@@ -498,6 +498,32 @@ class TestScripted:
             check_determinism("http://127.0.0.1:1", **kwargs)
 
 
+def test_interrupted_run_keeps_the_answered_waves(tmp_path: Any, mgsm_dir: Any, monkeypatch: Any) -> None:
+    """``mlaprop run``, Ctrl-C after two waves: summary.json holds the partial check (status error, the answered
+    samples), not ``null``."""
+    from mlaprop import job
+    from tests.test_run import _run, _summary
+
+    real = job.check_determinism
+
+    def interrupted(*a: Any, on_progress: Any, **k: Any) -> Any:
+        calls: list[DeterminismResult] = []
+
+        def progress(result: DeterminismResult) -> None:
+            on_progress(result)
+            calls.append(result)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        return real(*a, on_progress=progress, **k)
+
+    monkeypatch.setattr(job, "check_determinism", interrupted)
+    assert _run(tmp_path, mgsm_dir, limit=5) == 130
+    d = _summary(tmp_path)["determinism"]
+    assert (d["status"], d["cause"]) == ("error", "interrupted (KeyboardInterrupt) during the check")
+    assert d["samples"] == 1 + 2 + 2 and d["requests"] == 1 + 3  # test_run uses sizes 1, 2, 4, 8
+
+
 def test_result_json_and_legacy_constructor() -> None:
     """A result built the old way (``passed`` only) gets its status; ``to_json`` carries status and power."""
     old = DeterminismResult(False, (), (), "fail: x", 0, False, (1,), (), 42, 100, 0.1)
