@@ -524,6 +524,19 @@ def test_interrupted_run_keeps_the_answered_waves(tmp_path: Any, mgsm_dir: Any, 
     assert d["samples"] == 1 + 2 + 2 and d["requests"] == 1 + 3  # test_run uses sizes 1, 2, 4, 8
 
 
+def test_server_death_in_the_check_is_an_infrastructure_error(tmp_path: Any, mgsm_dir: Any) -> None:
+    """``mlaprop run``, the server dies during the determinism check: exit 3 and status determinism-error
+    (never "determinism FAILED"), with the cause in the verdict line and the server log tail in the report."""
+    from tests.test_run import _run, _summary
+
+    code = _run(tmp_path, mgsm_dir, accuracy=1.0, limit=5, sim_args=("--sim-die-after-requests", "8"))
+    s = _summary(tmp_path)
+    assert (code, s["status"], s["determinism"]["status"]) == (3, "determinism-error", "error")
+    assert s["error"]["stage"] == "determinism" and s["error"]["message"] == s["determinism"]["cause"]
+    assert any("simulated crash after" in line for line in s["error"]["log_tail"]), s["error"]["log_tail"]
+    assert s["message"].startswith("verdict: ERROR - ") and s["determinism"]["cause"] in s["message"]
+
+
 def test_result_json_and_legacy_constructor() -> None:
     """A result built the old way (``passed`` only) gets its status; ``to_json`` carries status and power."""
     old = DeterminismResult(False, (), (), "fail: x", 0, False, (1,), (), 42, 100, 0.1)
