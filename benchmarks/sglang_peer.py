@@ -90,11 +90,13 @@ def _fake_sglang_bin(folder: Path, ds: MgsmDataset, latency: float) -> Path:
 def _mlaprop_concurrency_is_wired() -> bool:
     """Whether ``mlaprop run`` already applies :func:`default_concurrency` when none is given."""
     try:
-        from mlaprop.runner import EvalOptions
-
-        return EvalOptions().concurrency is None  # type: ignore[comparison-overlap]
-    except Exception:
-        return False
+        from mlaprop.options import EvalOptions
+    except ImportError:
+        try:
+            from mlaprop.runner import EvalOptions  # type: ignore[no-redef]
+        except ImportError:
+            return False
+    return EvalOptions().concurrency is None  # type: ignore[comparison-overlap]
 
 
 def whole_mlaprop(ds: MgsmDataset, latency: float, concurrency: int | None, work: Path) -> float:
