@@ -15,7 +15,8 @@ B. **whole run**: ``mlaprop run --smoke --limit N`` (launch, eval, determinism c
    plan, read from its ``summary.json``), the same model folder and questions.
 
 Random weights answer nonsense: scores are reported, not gated (``--gate 0`` for ``mlaprop eval``).
-Writes ``OUT/h200_peer.json`` and prints a table.
+Writes ``OUT/h200_peer.json`` and prints a table. ``--simulate LATENCY --sglang-python PY`` dry-runs the whole
+script on a CPU machine against the simulated server (SGLang's side from ``PY``, as in ``sglang_peer.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mlaprop import server  # noqa: E402
 from mlaprop.tinymodel import write_tiny_mla  # noqa: E402
 
 REAL = ROOT / "benchmarks" / "sglang_real.py"
+SIM = (sys.executable, "-m", "mlaprop.simserver")
 MLAPROP = (sys.executable, "-c", "import sys; from mlaprop.cli import main; sys.exit(main())")
 #: test_mla_fp8.py's server arguments on NVIDIA, and the smoke model's loader (no weights on disk)
 TEST_ARGS = ("--trust-remote-code", "--kv-cache-dtype", "fp8_e5m2", "--enable-deterministic-inference")
@@ -58,6 +60,10 @@ def _last_json(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout.strip().splitlines()[-1]))
 
 
+def _sim_flags(dataset: str, latency: float) -> list[str]:
+    return ["--sim-dataset", dataset, "--sim-accuracy", "0.9", "--sim-latency", repr(latency)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="MGSM-en TSV on the device")
@@ -67,11 +73,20 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1024, help="concurrency of both evals (default: 1024)")
     p.add_argument("--reps", type=int, default=1, help="repetitions of part A (default: 1)")
     p.add_argument("--skip-whole-run", action="store_true")
+    p.add_argument("--sglang-python", default=sys.executable, help="interpreter for SGLang's side")
+    p.add_argument(
+        "--simulate",
+        type=float,
+        metavar="LATENCY",
+        help="CPU dry run of this script: the simulated server (this latency) instead of SGLang",
+    )
     args = p.parse_args()
+    sim = args.simulate is not None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = write_tiny_mla(out / "tiny-mla-fp8")
-    extra = shlex.split(args.server_args)
+    model = out / "sim-model" if sim else write_tiny_mla(out / "tiny-mla-fp8")
+    extra = shlex.split(args.server_args) if not sim else _sim_flags(args.dataset, args.simulate or 0.0)
+    smoke = () if sim else SMOKE_ARGS
     n = str(args.limit)
     results: dict[str, Any] = {"limit": args.limit, "threads": args.threads, "server_args": extra}
 
@@ -80,7 +95,8 @@ def main() -> int:
     srv = server.start(
         None,
         str(model),
-        extra_args=[*TEST_ARGS, *SMOKE_ARGS, *extra],
+        command_prefix=SIM if sim else server.DEFAULT_COMMAND_PREFIX,
+        extra_args=[*TEST_ARGS, *smoke, *extra],
         log_path=out / "a-server.log",
         ready_timeout=900,
         grace=10,
@@ -113,7 +129,7 @@ def main() -> int:
                         f"  mlaprop eval: rc {rc}, eval {mine[-1][0]:.2f} s, process {wall:.2f} s", flush=True
                     )
                 else:
-                    cmd = [sys.executable, str(REAL), "eval", "--dataset", args.dataset]
+                    cmd = [args.sglang_python, str(REAL), "eval", "--dataset", args.dataset]
                     cmd += ["--base-url", srv.base_url, "--threads", str(args.threads), "--num-examples", n]
                     rc, wall, stdout = _run(cmd, out / f"a-sglang-{rep}.log", 900)
                     got = _last_json(stdout)
@@ -132,8 +148,12 @@ def main() -> int:
     # ---- B: whole runs
     if not args.skip_whole_run:
         report = out / "b-mlaprop"
-        cmd = [*MLAPROP, "run", "--smoke", "--limit", n, "--dataset", args.dataset, "--no-progress"]
-        cmd += ["--report-dir", str(report), "--server-args", args.server_args, "--ready-timeout", "900"]
+        cmd = [*MLAPROP, "run", "--limit", n, "--dataset", args.dataset, "--no-progress"]
+        cmd += ["--report-dir", str(report), "--ready-timeout", "900"]
+        if sim:
+            cmd += ["--simulate", "--sim-latency", repr(args.simulate), "--sglang-version", "0.5.23"]
+        else:
+            cmd += ["--smoke", "--server-args", args.server_args]
         rc, m_wall, _ = _run(cmd, out / "b-mlaprop.log", 900)
         summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
         plan_args = [*summary["plan"]["argv"]]
@@ -145,11 +165,16 @@ def main() -> int:
         py3 = bindir / "python3"  # popen_launch_server runs `python3 -m ...` or `sglang serve`
         if not py3.exists():
             py3.symlink_to(sys.executable)
+        if sim:  # `sglang serve ARGS` runs the simulated server
+            exe = bindir / "sglang"
+            flags = " ".join(shlex.quote(a) for a in (*SIM, *extra))
+            exe.write_text(f'#!/bin/sh\n[ "$1" = serve ] && shift\nexec {flags} "$@"\n', encoding="utf-8")
+            exe.chmod(0o755)
         path = os.pathsep.join([str(bindir), "/tmp/site/bin", os.environ.get("PATH", "")])
         other = [a for a in plan_args if a not in ("--enable-deterministic-inference",)]
-        other = [*other, "--enable-deterministic-inference", *SMOKE_ARGS, *extra]
+        other = [*other, "--enable-deterministic-inference", *smoke, *([] if sim else extra)]
         port = server.free_port("127.0.0.1")
-        cmd = [sys.executable, str(REAL), "flow", "--dataset", args.dataset, "--model", str(model)]
+        cmd = [args.sglang_python, str(REAL), "flow", "--dataset", args.dataset, "--model", str(model)]
         cmd += ["--base-url", f"http://127.0.0.1:{port}", "--threads", str(args.threads), "--timeout", "900"]
         cmd += ["--num-examples", n, "--other-args", " ".join(other)]
         rc, s_wall, stdout = _run(cmd, out / "b-sglang.log", 900, env={**os.environ, "PATH": path})
@@ -158,7 +183,8 @@ def main() -> int:
         results["b"] = {"mlaprop_s": m_wall, "sglang_s": s_wall, "sglang": got, "ratio": m_wall / s_wall}
 
     (out / "h200_peer.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print("\n| on the H200, SGLang 0.5.11, tiny MLA FP8 model | mlaprop | SGLang | mlaprop / SGLang |")
+    where = "simulated server (dry run)" if sim else "on the H200, SGLang 0.5.11, tiny MLA FP8 model"
+    print(f"\n| {where} | mlaprop | SGLang | mlaprop / SGLang |")
     print("|---|---|---|---|")
     print(
         f"| A. eval phase, same server, {args.limit} questions at {args.threads} | "
