@@ -78,7 +78,6 @@ class FakeServer:
 
         class _H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK stall
 
             def log_message(self, format: str, *args: Any) -> None:  # silence
                 return
