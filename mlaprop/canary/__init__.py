@@ -61,14 +61,16 @@ def canary_config(
 ) -> dict[str, Any]:
     """The canary's ``config.json``: the smoke model's (:func:`mlaprop.tinymodel.model_config`) with the
     vocabulary rounded up to a multiple of 64, and ``overrides`` applied on top (tests shrink it)."""
-    cfg = model_config(layers=2, vocab=-(-vocab // 64) * 64, hidden=1024, block=128, bos=bos, eos=eos, pad=pad)
+    cfg = model_config(
+        layers=2, vocab=-(-vocab // 64) * 64, hidden=1024, block=128, bos=bos, eos=eos, pad=pad
+    )
     cfg.update(overrides or {})
     return cfg
 
 
 def _code_digest() -> str:
     here = Path(__file__).parent
-    files = sorted(here.glob("*.py")) + [here.parent / "tinymodel.py"]
+    files = [*sorted(here.glob("*.py")), here.parent / "tinymodel.py"]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -137,9 +139,9 @@ def ensure_canary(
         mlaprop.mgsm.InvalidDataset, mlaprop.mgsm.DatasetUnavailable: the dataset cannot be read.
     """
     try:
-        import safetensors  # noqa: F401
-        import tokenizers  # noqa: F401
-        import torch  # noqa: F401
+        import safetensors  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        import tokenizers  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        import torch  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError as exc:
         raise CanaryError(
             f"the canary needs torch, safetensors and tokenizers ({exc}): pip install 'mlaprop[canary]' "

@@ -4,7 +4,6 @@ with a plain-torch reference forward, cache under a hash of the recipe. Importin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch  # type: ignore[import-not-found,unused-ignore]
 
 from mlaprop.canary import CANARY_VERSION, CanaryError, canary_config, recipe
 from mlaprop.canary.checkpoint import load_checkpoint, save_checkpoint
 from mlaprop.canary.data import Example, corpus, examples
 from mlaprop.canary.model import CanaryLM, Numerics
 from mlaprop.canary.train import TrainConfig, batch, greedy, train
-from mlaprop.mgsm import MgsmDataset, MgsmItem, is_correct, parse_answer_simple_evals, Parser
+from mlaprop.mgsm import MgsmDataset, MgsmItem, Parser, is_correct, parse_answer_simple_evals
 from mlaprop.tinymodel import _special_ids, train_tokenizer, write_model_folder
 
 __all__ = ["BuildResult", "build_canary", "reference_check"]
@@ -83,7 +82,7 @@ def reference_check(
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     serving = greedy(model, prompts, eos, pad, num=serving_num, dtype=dtype)
     rows = []
-    for item, (ids, gap), (sids, _sgap) in zip(items, plain, serving):
+    for item, (ids, gap), (sids, _sgap) in zip(items, plain, serving, strict=True):
         text, stext = tok.decode(ids), tok.decode(sids)
         extracted = parse_answer_simple_evals(text)
         rows.append(
@@ -95,7 +94,9 @@ def reference_check(
                 "correct": is_correct(Parser.SIMPLE_EVALS, item.target, extracted),
                 "margin": round(gap, 4),
                 "serving_reference": stext,
-                "serving_correct": is_correct(Parser.SIMPLE_EVALS, item.target, parse_answer_simple_evals(stext)),
+                "serving_correct": is_correct(
+                    Parser.SIMPLE_EVALS, item.target, parse_answer_simple_evals(stext)
+                ),
             }
         )
     return {
@@ -197,5 +198,3 @@ def build_canary(
         serving_correct=int(ref["serving_correct"]),
         min_margin=float(ref["min_margin"]),
     )
-
-

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch  # type: ignore[import-not-found,unused-ignore]
 
 from mlaprop.canary.fp8 import dequantize_block_fp8, quantize_block_fp8
 
@@ -149,7 +149,7 @@ def save_checkpoint(
         CheckpointError: a tensor is missing or has the wrong shape.
         ImportError: ``safetensors`` is not installed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # type: ignore[import-not-found,unused-ignore]
 
     shapes = param_shapes(config)
     fp8 = set(fp8_linears(config))
@@ -180,7 +180,7 @@ def load_checkpoint(path: Path | str, config: Mapping[str, Any]) -> dict[str, to
         CheckpointError: a tensor is missing, has the wrong shape or dtype, or its scale is missing.
         ImportError: ``safetensors`` is not installed.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # type: ignore[import-not-found,unused-ignore]
 
     raw = load_file(str(Path(path) / "model.safetensors"))
     fp8 = set(fp8_linears(config))
@@ -194,7 +194,9 @@ def load_checkpoint(path: Path | str, config: Mapping[str, Any]) -> dict[str, to
         if name in fp8:
             scale = raw.get(name[: -len("weight")] + "weight_scale_inv")
             if t.dtype != torch.float8_e4m3fn or scale is None:
-                raise CheckpointError(f"{name}: expected float8_e4m3fn with a weight_scale_inv, got {t.dtype}")
+                raise CheckpointError(
+                    f"{name}: expected float8_e4m3fn with a weight_scale_inv, got {t.dtype}"
+                )
             out[name] = dequantize_block_fp8(t, scale, block)
         else:
             out[name] = t.float()

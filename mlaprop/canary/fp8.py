@@ -19,7 +19,7 @@ Importing this module imports torch.
 
 from __future__ import annotations
 
-import torch
+import torch  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "E4M3_MAX",

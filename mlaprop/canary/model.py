@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import torch  # type: ignore[import-not-found,unused-ignore]
+import torch.nn.functional as F  # type: ignore[import-not-found,unused-ignore]
+from torch import nn  # type: ignore[import-not-found,unused-ignore]
 
 from mlaprop.canary.checkpoint import block_size, fp8_linears, param_shapes
 from mlaprop.canary.fp8 import fake_quant_act, fake_quant_e5m2, fake_quant_weight
@@ -77,13 +77,13 @@ def rope_cos_sin(config: Mapping[str, Any], positions: torch.Tensor) -> tuple[to
         def corr(rot: float) -> float:
             return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
 
-        low = max(math.floor(corr(fast)), 0)
-        high = min(math.ceil(corr(slow)), dim - 1)
+        low = float(max(math.floor(corr(fast)), 0))
+        high = float(min(math.ceil(corr(slow)), dim - 1))
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=positions.device) - low) / (high - low)).clamp(
-            0, 1
-        )
+        ramp = (
+            (torch.arange(dim // 2, dtype=torch.float32, device=positions.device) - low) / (high - low)
+        ).clamp(0, 1)
         mask = 1 - ramp  # extrapolation_factor 1
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - mask) + inv_freq * mask
         mscale = _yarn_mscale(factor, float(rs.get("mscale", 1))) / _yarn_mscale(
@@ -220,7 +220,9 @@ class CanaryLM(nn.Module):
         cos, sin = rope_cos_sin(c, torch.arange(ids.shape[1], device=ids.device))
         for i in range(int(c["num_hidden_layers"])):
             p = f"model.layers.{i}."
-            x = x + self._attn(_rms(x, self._w(p + "input_layernorm.weight", num), eps), p + "self_attn.", num, cos, sin)
+            x = x + self._attn(
+                _rms(x, self._w(p + "input_layernorm.weight", num), eps), p + "self_attn.", num, cos, sin
+            )
             h = _rms(x, self._w(p + "post_attention_layernorm.weight", num), eps)
             if i < int(c["first_k_dense_replace"]):
                 x = x + self._mlp(h, p + "mlp.", num)
