@@ -79,7 +79,14 @@ def build(ds, cache, out):
 
 
 #: Scale corruptions, in the order tried: the first the reference forward puts below the gate is served.
-CORRUPTIONS = ("scales_x4", "scales_checker_x2", "scales_rolled", "kv_b_scales_x4")
+CORRUPTIONS = (
+    "scales_x4",
+    "scales_checker_x2",
+    "scales_checker_x8",
+    "kv_b_scales_x4",
+    "scales_ones",
+    "scales_inverted",
+)
 
 
 def corrupt_scale(name, s, kind):
@@ -94,6 +101,14 @@ def corrupt_scale(name, s, kind):
         return torch.where((i + j) % 2 == 1, s * 2, s)
     if kind == "scales_rolled":  # each tile reads its neighbour's scale (a block-indexing bug)
         return torch.roll(s, 1, dims=1 if s.shape[1] > 1 else 0)
+    if kind == "scales_checker_x8":
+        i = torch.arange(s.shape[0])[:, None]
+        j = torch.arange(s.shape[1])[None, :]
+        return torch.where((i + j) % 2 == 1, s * 8, s)
+    if kind == "scales_ones":  # a loader that ignores weight_scale_inv
+        return torch.ones_like(s)
+    if kind == "scales_inverted":  # a loader that reads weight_scale_inv as 1 / scale
+        return 1.0 / s
     if kind == "kv_b_scales_x4":
         return s * 4 if "kv_b_proj" in name else s
     raise ValueError(kind)

@@ -323,3 +323,19 @@ def test_compare_with_reference_counts_agreement(tmp_path: Path) -> None:
     assert agr.rate == pytest.approx(2 / 3)
     with pytest.raises(CanaryError, match="not a canary"):
         compare_with_reference(tmp_path / "nope", {})
+
+
+def test_cli_build_without_a_gpu_exits_2_and_says_why(
+    tmp_path: Path, mgsm: Any, monkeypatch: Any, capsys: Any
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser(prog="mlaprop")
+    add_canary_parser(parser.add_subparsers(dest="command"), "help")
+    args = parser.parse_args(["canary", "build", "--dataset", str(MGSM), "--cache-dir", str(tmp_path)])
+    assert args.func(args, {}) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("no tab here\n")
+    args = parser.parse_args(["canary", "build", "--dataset", str(bad), "--cache-dir", str(tmp_path)])
+    assert args.func(args, {}) == 2
+    assert "InvalidDataset" in capsys.readouterr().err

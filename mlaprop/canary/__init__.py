@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlaprop.exitcodes import ExitCode
 from mlaprop.tinymodel import model_config
 
 __all__ = [
@@ -211,6 +212,8 @@ def compare_with_reference(
 
 
 def _cmd_build(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
+    from mlaprop.mgsm import DatasetUnavailable, InvalidDataset
+
     cache = args.cache_dir or default_cache_dir(environ)
     try:
         path = ensure_canary(
@@ -220,21 +223,25 @@ def _cmd_build(args: argparse.Namespace, environ: Mapping[str, str] | None) -> i
             force=args.force,
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )
-    except CanaryError as exc:
+    except CanaryError as exc:  # no GPU or torch: usage; a model that misses its reference: infrastructure
         print(f"mlaprop: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.INFRASTRUCTURE if "reference forward" in str(exc) else ExitCode.USAGE
+    except (InvalidDataset, DatasetUnavailable) as exc:
+        print(f"mlaprop: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     meta = json.loads((path / META).read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps({k: v for k, v in meta.items() if k != "questions"}, indent=1))
     else:
         print(path)
-    return 0
+    return ExitCode.OK
 
 
-def add_canary_parser(sub: Any) -> None:
+def add_canary_parser(sub: Any, help_text: str | None = None) -> None:
     """Add ``canary build`` to the CLI's subparsers (``sub`` from ``ArgumentParser.add_subparsers``); the
-    handler is stored as ``func(args, environ) -> exit code``."""
-    p = sub.add_parser("canary", help="the trained tiny MLA FP8 model smoke mode gates on")
+    handler is stored as ``func(args, environ) -> exit code`` (0 built or cached, 2 no GPU/torch or a bad
+    dataset, 3 the trained model misses its reference check)."""
+    p = sub.add_parser("canary", help=help_text or "the trained tiny MLA FP8 model smoke mode gates on")
     csub = p.add_subparsers(dest="canary_command", required=True)
     b = csub.add_parser(
         "build",

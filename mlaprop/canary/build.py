@@ -183,9 +183,15 @@ def build_canary(
                 f"questions (training: {stats.steps} steps, converged={stats.converged}); nothing was cached. "
                 "Raise TrainConfig.max_steps or time_limit_s"
             )
+        tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another build of the same recipe finished first: keep its folder
+            if not (out / "canary.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

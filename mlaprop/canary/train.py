@@ -36,6 +36,9 @@ class TrainConfig:
             KV settings (bf16 and e5m2), with FP8 weights and activations.
         kv_e5m2_share: share of sequences per step whose latent KV goes through e5m2 (the rest bf16).
         time_limit_s: give up after this many seconds.
+        lm_weight: weight of an auxiliary next-token loss on the prompt's tokens (0: answers only). Predicting
+            the next token of a memorised text needs to know which token came last, which makes the model use
+            position (rope) and so makes the canary sensitive to rope errors.
     """
 
     max_steps: int = 3000
@@ -47,6 +50,7 @@ class TrainConfig:
     min_margin: float = 3.0
     kv_e5m2_share: float = 0.5
     time_limit_s: float = 240.0
+    lm_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +84,9 @@ class TrainStats:
 def batch(
     exs: Sequence[Example], pad_id: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``ids`` [B, T] and ``labels`` [B, T] (the next token at answer positions, else -100)."""
+    """Right-padded ``ids`` [B, T] and ``labels`` [B, T] (the next token at answer positions, else -100).
+
+    See :func:`prompt_labels` for the prompt's own next tokens."""
     t = max(len(e.prompt_ids) + len(e.answer_ids) for e in exs)
     ids = torch.full((len(exs), t), pad_id, dtype=torch.long)
     labels = torch.full((len(exs), t), IGNORE, dtype=torch.long)
@@ -90,6 +96,15 @@ def batch(
         p = len(e.prompt_ids)
         labels[i, p - 1 : len(seq) - 1] = torch.tensor(e.answer_ids)
     return ids.to(device), labels.to(device)
+
+
+def prompt_labels(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token labels [B, T] over the prompt (positions before the answer), else -100."""
+    nxt = torch.full_like(ids, IGNORE)
+    nxt[:, :-1] = ids[:, 1:]
+    first_answer = (labels != IGNORE).int().argmax(dim=1)  # the position predicting the first answer token
+    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    return torch.where(pos < first_answer[:, None], nxt, torch.full_like(ids, IGNORE))
 
 
 def _serving(b: int, e5m2: bool, device: torch.device) -> Numerics:
@@ -133,6 +148,7 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     b = ids.shape[0]
+    lm_labels = prompt_labels(ids, labels) if cfg.lm_weight else None
     started = time.monotonic()
     history: list[tuple[int, float, int, float]] = []
     loss_v, correct, margin, converged, step = math.nan, 0, -math.inf, False, 0
@@ -142,7 +158,10 @@ def train(
         kv = (torch.rand(b, generator=gen) < cfg.kv_e5m2_share).to(device)
         num = Numerics(fp8_weights=True, fp8_activations=True, kv_e5m2=kv)
         logits = model(ids, num, dtype)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE)
+        flat = logits.view(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat, labels.view(-1), ignore_index=IGNORE)
+        if lm_labels is not None:
+            loss = loss + cfg.lm_weight * F.cross_entropy(flat, lm_labels.view(-1), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
