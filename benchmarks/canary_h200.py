@@ -8,6 +8,7 @@ Needs torch, safetensors, tokenizers, requests and a GPU.
 
 import concurrent.futures as cf
 import json
+import os
 import shutil
 import sys
 import time
@@ -75,6 +76,26 @@ def build(ds, cache, out):
         c2.update(ov)
         cand[name] = score(w, c2)
         print("reference", name, cand[name], flush=True)
+    if os.environ.get("CANARY_LM_VARIANT", "1") != "0":  # does a prompt LM loss make the canary see rope?
+        from mlaprop.canary.build import build_canary
+        from mlaprop.canary.train import TrainConfig
+
+        t = time.monotonic()
+        lm = build_canary(
+            load_dataset(ds),
+            Path("/tmp/canary_lm"),
+            train_config=TrainConfig(lm_weight=1.0, time_limit_s=90),
+            require_all=False,
+            log=lambda s: print("lm variant:", s, flush=True),
+        )
+        cand["lm1_build_s"] = round(time.monotonic() - t, 1)
+        cand["lm1_reference"] = lm.reference_correct
+        wl = load_checkpoint(lm.path, cfg)
+        for name, ov in (("rope_theta_1e6", {"rope_theta": 1000000}), ("no_yarn", {"rope_scaling": None})):
+            c2 = dict(cfg)
+            c2.update(ov)
+            cand["lm1_" + name] = score(wl, c2)
+            print("reference lm1", name, cand["lm1_" + name], flush=True)
     Path(out, "candidates.json").write_text(json.dumps(cand))
 
 
