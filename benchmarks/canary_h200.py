@@ -76,7 +76,7 @@ def build(ds, cache, out):
         c2.update(ov)
         cand[name] = score(w, c2)
         print("reference", name, cand[name], flush=True)
-    if os.environ.get("CANARY_LM_VARIANT", "1") != "0":  # does a prompt LM loss make the canary see rope?
+    if os.environ.get("CANARY_LM_VARIANT") == "1":  # does a prompt LM loss make the canary see rope?
         from mlaprop.canary.build import build_canary
         from mlaprop.canary.train import TrainConfig
 
@@ -84,7 +84,7 @@ def build(ds, cache, out):
         lm = build_canary(
             load_dataset(ds),
             Path("/tmp/canary_lm"),
-            train_config=TrainConfig(lm_weight=1.0, time_limit_s=90),
+            train_config=TrainConfig(lm_weight=1.0, time_limit_s=60),
             require_all=False,
             log=lambda s: print("lm variant:", s, flush=True),
         )

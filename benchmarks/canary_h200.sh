@@ -1,5 +1,6 @@
 # The canary proof on the H200 device with real SGLang 0.5.11 (shared/h200/README.md), from the repo root:
 #   MGSM=.devwork/mgsm_en.tsv BUNDLE=.devwork/bundle.tar H200=.devwork/h200 bash benchmarks/canary_h200.sh
+#   CANARY_LM_VARIANT=1 also trains a variant with a prompt LM loss and reports its rope sensitivity (+~70 s).
 # Results (JSON, logs) under $OUT: build.log, canary.json, candidates.json, ready.json, results.jsonl, servers.log.
 set -u
 export PYTHONUNBUFFERED=1
