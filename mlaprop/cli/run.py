@@ -213,18 +213,19 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     platform = platform_from_args(args)
     if args.simulate and not platform.is_preview:
         platform = replace(platform, vendor=Vendor.NVIDIA, arch="sm90")  # the H200 CI runner
+    smoke_model = smoke_model_choice(args.smoke_model, env_vars)
     run_opts = RunOptions(
         request=request,
         environment=environment_for(platform, environ, tp=request.tp_size),
         env_vars=environ,
         simulate=args.simulate,
-        sim_accuracy=args.sim_accuracy,
+        sim_accuracy=_sim_accuracy(args, smoke_model),
         sim_latency_s=args.sim_latency,
         sim_args=args.sim_args,
         ready_timeout_s=args.ready_timeout,
         echo_server_log=args.server_log,
         smoke=args.smoke,
-        smoke_model=smoke_model_choice(args.smoke_model, env_vars),
+        smoke_model=smoke_model,
     )
     opts = _eval_options(args, env_vars, {"auto": None, "on": True, "off": False}[args.determinism], None)
     if args.smoke:
@@ -232,6 +233,14 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     reporter = _reporter(env_vars)
     with _signals_end_the_job(reporter):
         return run(run_opts, opts, reporter=reporter)
+
+
+def _sim_accuracy(args: argparse.Namespace, smoke_model: SmokeModel) -> float:
+    """``--sim-accuracy``, else 1.0 when the simulator stands in for the canary (which answers every
+    question), else 0.9."""
+    if args.sim_accuracy is not None:
+        return float(args.sim_accuracy)
+    return 1.0 if args.smoke and smoke_model.gated else 0.9
 
 
 def smoke_model_choice(flag: SmokeModel | None, environ: Mapping[str, str]) -> SmokeModel:
@@ -309,9 +318,9 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str)
     s.add_argument(
         "--sim-accuracy",
         type=arg_type(o.fraction),
-        default=0.9,
+        default=None,
         metavar="P",
-        help="simulated MGSM accuracy (default: 0.9)",
+        help="simulated MGSM accuracy (default: 0.9; 1.0 standing in for the canary with --smoke)",
     )
     s.add_argument(
         "--sim-latency",
