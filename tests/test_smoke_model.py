@@ -250,3 +250,31 @@ class TestSchema:
         assert schema_problems({**smoke, "model": "big"}, props["smoke"], "$.smoke")[0].startswith(
             "$.smoke.model: 'big' not in enum"
         )
+
+
+class TestCli:
+    """``mlaprop run --smoke`` on the simulated server."""
+
+    @pytest.mark.parametrize(
+        ("extra", "model", "n", "gate"),
+        [((), "canary", 250, CANARY_GATE), (("--smoke-model", "dummy"), "dummy", SMOKE_QUESTIONS, 0.8)],
+    )
+    def test_smoke_choice_sets_gate_and_questions(
+        self, tmp_path: Path, mgsm_dir: Path, extra: tuple[str, ...], model: str, n: int, gate: float
+    ) -> None:
+        """The canary (default): every question, gate 0.98, and the simulator standing in answers them all
+        (exit 0); ``dummy``: 16 questions, not gated."""
+        report = tmp_path / "report"
+        argv = ["run", "--smoke", "--simulate", "--dataset", str(mgsm_path(mgsm_dir))]
+        argv += ["--report-dir", str(report), "--no-progress", "--determinism", "off", *extra]
+        assert main(argv, {}) == ExitCode.OK
+        s = json.loads((report / "summary.json").read_text())
+        assert (s["smoke"]["model"], s["smoke"]["gated"], s["smoke"]["simulated"]) == (
+            model,
+            model == "canary",
+            True,
+        )
+        assert (s["mgsm"]["n_total"], s["gate"]) == (n, gate)
+        if model == "canary":
+            assert s["mgsm"]["scores"]["simple-evals"]["correct"] == 250
+        assert schema_problems(s, _schema()) == []
