@@ -125,16 +125,24 @@ def _mask_flag(match: re.Match[str]) -> str:
     return _mask_value(match)
 
 
-# Cheap pre-check on the lower-cased text: a line without a match cannot match any pattern below (it is a
-# superset of them), so redact() leaves it alone. It makes a flood of SGLang's "#token: 1234" lines cheap.
+# Cheap pre-check on the lower-cased text: a line without a hit cannot match any pattern below (the checks
+# are a superset of them), so redact() leaves it alone. Each check starts with a literal, which the regex
+# engine scans for quickly; this makes a flood of SGLang's "#token: 1234" lines cheap.
 _V = r"""[\s'",)}\]]"""
-_PRECHECK = re.compile(
-    r"(?:api[_-]key|token|secret|password)['\"]?\s*[=:]"
-    r"(?=\s*['\"]|\s*(?!none(?:" + _V + r"|$))(?!\d+(?:" + _V + r"|$))[^\s'\",)}\]])"
-    r"|api[_-]key['\"]?\s*[=:]"
-    r"|--(?:api|adm|hf-|[a-z0-9-]*(?:key|token|secret|password))"
-    r"|authoriz|bearer|hf_|://"
+_KEY_VALUE = (
+    r"""['"]?\s*[=:](?=\s*['"]|\s*(?!none(?:""" + _V + r"""|$))(?!\d+(?:""" + _V + r"""|$))[^\s'",)}\]])"""
 )
+_PRECHECKS = (
+    *(re.compile(k + _KEY_VALUE) for k in ("token", "secret", "password")),
+    *(re.compile(k + r"""['"]?\s*[=:]""") for k in ("api_key", "api-key")),  # digits count for API keys
+    re.compile(r"--(?:api|adm|hf-|[a-z0-9-]*(?:key|token|secret|password))"),
+)
+_PRECHECK_WORDS = ("authoriz", "bearer", "hf_", "://")
+
+
+def _may_hold_secret(low: str) -> bool:
+    """Whether lower-cased ``low`` may hold something a pattern masks (``False``: it surely does not)."""
+    return any(w in low for w in _PRECHECK_WORDS) or any(p.search(low) for p in _PRECHECKS)
 
 
 def redact(text: str) -> str:
@@ -144,7 +152,7 @@ def redact(text: str) -> str:
     the patterns, so long texts of ordinary log lines cost one scan.
     """
     low = text.lower()
-    if not _PRECHECK.search(low):
+    if not _may_hold_secret(low):
         return text
     if "\n" not in text:
         return _redact_patterns(text)
@@ -154,7 +162,7 @@ def redact(text: str) -> str:
         return _redact_patterns(text)
     needed = [False] * (len(lines) + 1)
     for i, line in enumerate(lows):
-        if _PRECHECK.search(line):
+        if _may_hold_secret(line):
             needed[i] = needed[i + 1] = True
     out: list[str] = []
     i = 0
@@ -346,7 +354,9 @@ class Redactor:
 
     def mask_values(self, text: str) -> str:
         """``text`` with every known secret value, in every encoding, replaced by ``***`` (no patterns)."""
-        return text if self._pattern is None else self._pattern.sub(MASK, text)
+        if self._pattern is None or not any(f in text for f in self._forms):  # substring tests are cheap
+            return text
+        return self._pattern.sub(MASK, text)
 
     def __call__(self, text: str) -> str:
         """``text`` with known secret values and every secret pattern replaced by ``***``."""
@@ -407,7 +417,9 @@ class LogFilter:
             return b""
         head, tail = data[: last_nl + 1], data[last_nl + 1 :]
         out: list[bytes] = []
-        if not self._partial and not self._cut and len(head) <= self._max:
+        if not self._partial and not self._cut and (
+            len(head) <= self._max or max(map(len, head.split(b"\n"))) <= self._max
+        ):
             out.append(self._redact_block(head))  # fast path: whole lines, none too long
         else:
             block: list[bytes] = []

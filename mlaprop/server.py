@@ -108,6 +108,7 @@ _READ_CHUNK = 64 * 1024  # bytes per read of the server's output
 _PORT_CONFLICT = re.compile(
     r"(?i)address already in use|EADDRINUSE|\[Errno 98\]|error while attempting to bind"
 )
+_PORT_CONFLICT_WORDS = ("address already in use", "eaddrinuse", "[errno 98]", "attempting to bind")
 _CAUSE = re.compile(
     r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:[\w.]*(?:Error|Exception|Interrupt)\b.*|.*: error: .*|.*address already in use.*"
     r"|.*out of memory.*|.*segmentation fault.*|.*memory access fault.*|.*simulated crash.*)$"
@@ -353,8 +354,10 @@ class _LogPump(threading.Thread):
             self._log.write(out)
             self._log.flush()
         text = out.decode("utf-8", errors="replace")
-        if not self.port_conflict.is_set() and _PORT_CONFLICT.search(text):
-            self.port_conflict.set()
+        if not self.port_conflict.is_set():
+            low = text.lower()  # plain substring tests first: a regex over a flood costs more than the rest
+            if any(k in low for k in _PORT_CONFLICT_WORDS) and _PORT_CONFLICT.search(text):
+                self.port_conflict.set()
         if self._echo is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._echo.write(text)
@@ -750,7 +753,7 @@ class Server:
         who = f"PID {pid} ({command[:200]})" if pid is not None else "a process this user cannot see"
         raise ServerPortTaken(
             f"port {self.port} is served by {who}, not the launched server (PID {self.pid}); another "
-            "program took the port first: stop it, or let mlaprop pick the port",
+            "program answers on it (it took the port first)",
             owner_pid=pid,
             owner_command=command,
             returncode=-1,

@@ -10,7 +10,8 @@ Switches, from the environment (so they pass through mlaprop unchanged):
   ``grandchild`` (double-fork a grandchild with an empty environment in a new session that listens on a port
   of its own and ignores SIGTERM; its parent exits, so it is re-parented),
   ``flood`` (write ``FAKE_SGLANG_FLOOD_MB`` MB, default 100, of log while serving: SGLang-like lines and one
-  line of a fifth of it),
+  line of a fifth of it) from a thread, starting ``FAKE_SGLANG_FLOOD_HEAD_START`` seconds (default 0)
+  before the server starts serving,
   ``port-busy`` (fail at once the way uvicorn does when the port is taken),
   ``foreign`` (ask the process listening on ``FAKE_SGLANG_FOREIGN`` (a directory: write ``<port>.want``) to
   take our port first, as another program would, then start and fail to bind);
@@ -123,7 +124,7 @@ def patch_request_events() -> None:
 
     original = simserver._Handler.do_POST
 
-    def do_POST(self: Any) -> None:  # noqa: N802
+    def do_POST(self: Any) -> None:
         event("request")
         original(self)
 
@@ -165,6 +166,7 @@ def main() -> int:
     if "flood" in faults:
         mb = float(os.environ.get("FAKE_SGLANG_FLOOD_MB", "100"))
         threading.Thread(target=flood, args=(mb,), daemon=True).start()
+        time.sleep(float(os.environ.get("FAKE_SGLANG_FLOOD_HEAD_START", "0")))
     from mlaprop import simserver
 
     event(f"listen {port}")
