@@ -8,7 +8,8 @@ simulated server plus the fault switches its docstring lists. Every run carries 
 
 Cases: mlaprop killed by SIGKILL / SIGHUP / SIGTERM / SIGINT while the server starts (``launch``: it never
 becomes ready) and while MGSM runs (``eval``), the server tree holding children and a re-parented grandchild
-with an empty environment that ignores SIGTERM; ``grandchild`` (the same grandchild, a normal run);
+with an empty environment that ignores SIGTERM (so teardown waits the 10 s grace before SIGKILL;
+``-polite``: the grandchild obeys SIGTERM); ``grandchild`` (the same grandchild, a normal run);
 ``secrets`` (the server echoes every secret bare, repr'd, JSON-escaped, URL-encoded, in tracebacks and in
 HTTP 500 bodies); ``flood`` (100 MB of log while MGSM runs, one line of 20 MB, mirrored with
 ``--server-log``); ``foreign`` (another program answers on the server's port first); ``port-busy`` (the
@@ -326,6 +327,18 @@ def cases(quick: bool) -> list[Case]:
                     stage=stage,
                 )
             )
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        name = f"{signal.Signals(sig).name.lower()}-eval-polite"
+        out.append(
+            Case(
+                name,
+                faults="grandchild,polite",
+                sim_args="--sim-children 2 --sim-latency 0.05",
+                limit=250,
+                signum=sig,
+                stage="eval",
+            )
+        )
     out.append(Case("grandchild", faults="grandchild", sim_args="--sim-children 2", check=_clean_run))
     out.append(Case("secrets", faults="echo-secrets", extra=("--server-log",), check=_clean_run))
     if not quick:
@@ -357,7 +370,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mlaprop-faults-"))
     rows = []
     print(
-        f"{'case':<14} {'handled':<8} {'rc':>4} {'seconds':>8} {'survivors':>9} {'ports':>5} "
+        f"{'case':<20} {'handled':<8} {'rc':>4} {'seconds':>8} {'survivors':>9} {'ports':>5} "
         f"{'secrets':>7} {'peak MB':>8}  where",
         flush=True,
     )
@@ -367,7 +380,7 @@ def main() -> int:
             rows.append(o)
             where = ",".join(f"{k}:{v}" for k, v in o.secrets.items()) or "-"
             print(
-                f"{case.name:<14} {'yes' if o.handled else 'NO':<8} {o.rc:>4} {o.seconds:>8.2f} "
+                f"{case.name:<20} {'yes' if o.handled else 'NO':<8} {o.rc:>4} {o.seconds:>8.2f} "
                 f"{len(o.survivors):>9} {len(o.ports):>5} {sum(o.secrets.values()):>7} "
                 f"{o.peak_rss_mb:>8.1f}  {where}" + (f"  ({o.problem})" if o.problem else ""),
                 flush=True,

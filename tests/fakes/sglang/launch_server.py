@@ -52,11 +52,13 @@ def _option(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def grandchild_main(events: str) -> None:
-    """The re-parented grandchild: empty environment, own session, a listening socket, deaf to SIGTERM."""
+def grandchild_main(events: str, polite: bool) -> None:
+    """The re-parented grandchild: empty environment, own session, a listening socket, deaf to SIGTERM
+    unless ``polite``."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not polite:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
@@ -66,12 +68,13 @@ def grandchild_main(events: str) -> None:
         time.sleep(1)
 
 
-def spawn_grandchild() -> None:
+def spawn_grandchild(polite: bool) -> None:
     code = (
         "import subprocess, sys; subprocess.Popen([sys.executable, '-S', sys.argv[1], '--grandchild', "
-        "sys.argv[2]], env={}, start_new_session=True, stdin=subprocess.DEVNULL)"
+        "sys.argv[2], sys.argv[3]], env={}, start_new_session=True, stdin=subprocess.DEVNULL)"
     )
-    subprocess.run([sys.executable, "-S", "-c", code, __file__, EVENTS or ""], env={}, check=False)
+    args = [sys.executable, "-S", "-c", code, __file__, EVENTS or "", "polite" if polite else "stubborn"]
+    subprocess.run(args, env={}, check=False)
 
 
 def echo_secrets(argv: list[str]) -> list[str]:
@@ -132,8 +135,8 @@ def patch_request_events() -> None:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--grandchild":
-        grandchild_main(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "--grandchild":
+        grandchild_main(sys.argv[2], sys.argv[3] == "polite")
         return 0
     argv = sys.argv[1:]
     faults = set(filter(None, os.environ.get("FAKE_SGLANG_FAULTS", "").split(",")))
@@ -157,7 +160,7 @@ def main() -> int:
             time.sleep(0.05)
         time.sleep(2.0)  # "loading the model" while the other program answers on our port
     if "grandchild" in faults:
-        spawn_grandchild()
+        spawn_grandchild(polite="polite" in faults)
     values = echo_secrets(argv) if "echo-secrets" in faults else []
     if values:
         extra += ["--sim-error-every", "3"]
