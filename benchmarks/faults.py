@@ -353,9 +353,7 @@ def cases(quick: bool) -> list[Case]:
                 check=_flood_check,
             )
         )
-    out.append(
-        Case("foreign", faults="foreign", check=_first_line_check("not the launched server", 30.0))
-    )
+    out.append(Case("foreign", faults="foreign", check=_first_line_check("not the launched server", 30.0)))
     out.append(Case("port-busy", faults="port-busy", check=_first_line_check("address already in use", 5.0)))
     return out
 

@@ -417,8 +417,10 @@ class LogFilter:
             return b""
         head, tail = data[: last_nl + 1], data[last_nl + 1 :]
         out: list[bytes] = []
-        if not self._partial and not self._cut and (
-            len(head) <= self._max or max(map(len, head.split(b"\n"))) <= self._max
+        if (
+            not self._partial
+            and not self._cut
+            and (len(head) <= self._max or max(map(len, head.split(b"\n"))) <= self._max)
         ):
             out.append(self._redact_block(head))  # fast path: whole lines, none too long
         else:

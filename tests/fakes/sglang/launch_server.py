@@ -146,8 +146,11 @@ def main() -> int:
     if os.environ.get("FAKE_SGLANG_DATASET"):
         extra += ["--sim-dataset", os.environ["FAKE_SGLANG_DATASET"], "--sim-accuracy", "1"]
     if "port-busy" in faults:
-        print(f"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
-              "address already in use", file=sys.stderr)
+        print(
+            f"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+            "address already in use",
+            file=sys.stderr,
+        )
         return 1
     if "foreign" in faults:
         folder = Path(os.environ["FAKE_SGLANG_FOREIGN"])
