@@ -380,8 +380,12 @@ class _LogPump(threading.Thread):
                     break
                 if not data:
                     break
-                self._emit(self._filter.feed(data))
-            self._emit(self._filter.close())
+                try:
+                    self._emit(self._filter.feed(data))
+                except Exception:  # never stop reading: a full pipe would block the server
+                    _log.exception("server log: %d bytes could not be written", len(data))
+            with contextlib.suppress(Exception):
+                self._emit(self._filter.close())
         finally:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -413,14 +417,21 @@ class _Child:
         self.returncode: int | None = None
 
     def _read(self, timeout: float) -> None:
+        if self._eof:
+            return
+        try:  # wait outside the lock: alive() from other threads must not queue behind a waiting poll
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+        except (OSError, ValueError):  # closed meanwhile
+            return
+        if not ready:
+            return
         with self._lock:
             if self._eof:
                 return
-            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
-            if not ready:
-                return
             try:
-                data = self._sock.recv(4096)
+                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # another thread read it first
+                return
             except OSError:
                 data = b""
             if not data:
@@ -463,8 +474,13 @@ class _Child:
 
     def close(self, timeout: float) -> None:
         """Close the socket (the watchdog then kills whatever is left and exits) and reap the watchdog."""
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        self._read(0.0)  # the last news first: the server's exit code
+        with self._lock:
+            self._eof = True
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        if self.pid is not None and self.returncode is None and not psutil.pid_exists(self.pid):
+            self.returncode = -signal.SIGKILL
         try:
             self.watchdog.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
