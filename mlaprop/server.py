@@ -489,6 +489,11 @@ class _Child:
                 self.watchdog.wait(timeout=2.0)
 
 
+def _listens_on(conn: object, port: int) -> bool:
+    laddr = getattr(conn, "laddr", None)
+    return getattr(conn, "status", None) == psutil.CONN_LISTEN and bool(laddr) and laddr.port == port  # type: ignore[union-attr]
+
+
 def _listeners(port: int) -> list[tuple[int | None, str]]:
     """``(pid, command)`` of every TCP socket listening on ``port`` on any address; pid ``None`` where the
     process cannot be seen (another user's)."""
@@ -498,7 +503,7 @@ def _listeners(port: int) -> list[tuple[int | None, str]]:
     except (psutil.Error, OSError):
         return out
     for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+        if _listens_on(c, port):
             command = "?"
             if c.pid is not None:
                 with contextlib.suppress(psutil.Error):
@@ -760,7 +765,12 @@ class Server:
 
     def _check_listener(self) -> None:
         """Raise :class:`ServerPortTaken` unless a process of the launched tree listens on the port."""
-        ours = {p.pid for p in self.tree()}
+        tree = self.tree()
+        for p in tree:  # the usual case, cheap: one of ours listens (no scan of every process)
+            with contextlib.suppress(psutil.Error, OSError):
+                if any(_listens_on(c, self.port) for c in p.net_connections(kind="tcp")):
+                    return
+        ours = {p.pid for p in tree}
         listeners = _listeners(self.port)
         if not listeners or any(pid in ours for pid, _ in listeners):
             return  # nobody visible (a platform without net_connections): trust the answer
