@@ -11,7 +11,8 @@ becomes ready) and while MGSM runs (``eval``), the server tree holding children 
 with an empty environment that ignores SIGTERM (so teardown waits the 10 s grace before SIGKILL;
 ``-polite``: the grandchild obeys SIGTERM); ``grandchild`` (the same grandchild, a normal run);
 ``secrets`` (the server echoes every secret bare, repr'd, JSON-escaped, URL-encoded, in tracebacks and in
-HTTP 500 bodies); ``flood`` (100 MB of log while MGSM runs, one line of 20 MB, mirrored with
+the body of every 3rd answer, an HTTP 500; ``secrets-abort``: every 2nd, so the eval aborts and the error
+bodies reach the report); ``flood`` (100 MB of log while MGSM runs, one line of 20 MB, mirrored with
 ``--server-log``); ``foreign`` (another program answers on the server's port first); ``port-busy`` (the
 server fails to bind on every attempt).
 
@@ -341,6 +342,14 @@ def cases(quick: bool) -> list[Case]:
         )
     out.append(Case("grandchild", faults="grandchild", sim_args="--sim-children 2", check=_clean_run))
     out.append(Case("secrets", faults="echo-secrets", extra=("--server-log",), check=_clean_run))
+    out.append(
+        Case(
+            "secrets-abort",
+            faults="echo-secrets",
+            env={"FAKE_SGLANG_ERROR_EVERY": "2"},
+            check=_clean_run,
+        )
+    )
     if not quick:
         out.append(
             Case(

@@ -166,7 +166,7 @@ def main() -> int:
         spawn_grandchild(polite="polite" in faults)
     values = echo_secrets(argv) if "echo-secrets" in faults else []
     if values:
-        extra += ["--sim-error-every", "3"]
+        extra += ["--sim-error-every", os.environ.get("FAKE_SGLANG_ERROR_EVERY", "3")]
         patch_error_bodies(values)
     patch_request_events()
     if "flood" in faults:
