@@ -335,6 +335,30 @@ class TestTeardown:
         assert signal.getsignal(signal.SIGTERM) == before
         assert_clean(server, pids)
 
+    def test_sighup_to_this_process_while_serving(self) -> None:
+        """SIGHUP (a closed terminal, a cancelled CI job) tears down like SIGTERM and exits 129."""
+        before = signal.getsignal(signal.SIGHUP)
+        with pytest.raises(Terminated) as info, run(None, "--sim-grandchild") as server:
+            pids = logged_pids(server)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # interrupted by the handler long before this ends
+        assert info.value.code == 128 + signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) == before
+        assert_clean(server, pids)
+
+    def test_a_killed_watchdog_takes_the_server_and_teardown_finds_the_rest(self) -> None:
+        """SIGKILL to the watchdog: the server dies with it (parent-death signal), and teardown still
+        finds its children and the grandchild (process group, session, sampled tree)."""
+        with run(None, "--sim-grandchild", "--sim-children", "2") as server:
+            pids = logged_pids(server)
+            time.sleep(0.6)  # a few samples of the tree
+            os.kill(server.watchdog_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 3.0
+            while server.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.returncode == -signal.SIGKILL
+        assert_clean(server, pids)
+
     def test_sigterm_while_waiting_for_readiness(self) -> None:
         """SIGTERM during the readiness wait stops the wait, tears down and raises Terminated."""
         timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
