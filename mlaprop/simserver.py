@@ -522,7 +522,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, payload)
         if args.sim_die_after_requests and n >= args.sim_die_after_requests:
             st.log(
-                f"simulated crash after {n} generation requests (--sim-die-after-requests); "
+                f"RuntimeError: simulated crash after {n} generation requests (--sim-die-after-requests); "
                 "exiting with code 1"
             )
             os._exit(1)
@@ -864,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = config.args.sim_crash_at_start
     if rc is not None:
         out.write(
-            f"simulated crash at start-up (--sim-crash-at-start): exiting with code {rc} "
+            f"RuntimeError: simulated crash at start-up (--sim-crash-at-start): exiting with code {rc} "
             f"at t={time.time():.6f}\n"
         )
         return int(rc)
