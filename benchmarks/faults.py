@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,9 +58,11 @@ from mlaprop.server import port_is_bindable  # noqa: E402
 
 FAKES = ROOT / "tests" / "fakes"
 DATASET = ROOT.parent / "shared" / "data" / "mgsm" / "mgsm_en.tsv"
-API_KEY = "sk-fault-apikey-7Qz9xW2"
+# characters that every encoding spells differently (URL: / + = ; JSON and repr: " \\), so a form that
+# is masked only bare shows up in the count
+API_KEY = 'sk-fault/api+key="7Qz\\9xW2'
 SECRETS = {
-    "OPENAI_API_KEY": "sk-openai-fault-Vb81Kq0",
+    "OPENAI_API_KEY": "sk-openai/fault+Vb8=1Kq0",
     "HF_TOKEN": "hf_FaultMatrixTokenAbCdEf123",
 }
 SURVIVOR_WAIT = 15.0
@@ -178,7 +181,7 @@ def run_case(case: Case, work: Path) -> Outcome:
         "run", "--vendor", "nvidia", "--arch", "sm90", "--gpus", "1", "--sglang-version", "0.5.11",
         "--model", str(model), "--dataset", str(DATASET), "--limit", str(case.limit),
         "--report-dir", str(report), "--determinism", "off", "--ready-timeout", "60",
-        "--server-args", f"--api-key {API_KEY}", *case.extra,
+        "--server-args", f"--api-key {shlex.quote(API_KEY)}", *case.extra,
     ]  # fmt: skip
     foreign = ForeignServer(foreign_dir) if "foreign" in case.faults else None
     out_path, err_path = work / f"{case.name}.out", work / f"{case.name}.err"

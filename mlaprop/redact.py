@@ -30,7 +30,7 @@ import json
 import re
 import shlex
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -315,9 +315,11 @@ class Redactor:
 
     Attributes:
         secrets: the raw secret values (at least :data:`MIN_SECRET_LENGTH` characters each).
+        then: another redactor (any ``str -> str``, such as a job's) applied last, or ``None``.
     """
 
     secrets: tuple[str, ...] = ()
+    then: Callable[[str], str] | None = field(default=None, compare=False)
     _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
     _forms: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -350,7 +352,17 @@ class Redactor:
 
     def with_secrets(self, more: Iterable[str]) -> Redactor:
         """This redactor plus the values in ``more``."""
-        return Redactor(tuple(dict.fromkeys([*self.secrets, *more])))
+        return Redactor(tuple(dict.fromkeys([*self.secrets, *more])), self.then)
+
+    def followed_by(self, other: Callable[[str], str]) -> Redactor:
+        """This redactor, then ``other`` (a :class:`Redactor`'s secrets are merged instead)."""
+        if isinstance(other, Redactor):
+            merged = self.with_secrets(other.secrets)
+            return merged if other.then is None else merged.followed_by(other.then)
+        if self.then is None:
+            return Redactor(self.secrets, other)
+        first = self.then
+        return Redactor(self.secrets, lambda text: other(first(text)))
 
     def mask_values(self, text: str) -> str:
         """``text`` with every known secret value, in every encoding, replaced by ``***`` (no patterns)."""
@@ -360,7 +372,8 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         """``text`` with known secret values and every secret pattern replaced by ``***``."""
-        return redact(self.mask_values(text))
+        text = redact(self.mask_values(text))
+        return text if self.then is None else self.then(text)
 
     def mask_partial_tail(self, text: str) -> str:
         """``text`` (a line cut short) with a trailing beginning of a known secret masked as well, so a cut

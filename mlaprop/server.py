@@ -934,7 +934,7 @@ def start(
     poll_interval: float = 0.1,
     port_attempts: int = 3,
     port_picker: Callable[[str], int] = free_port,
-    redactor: Redactor | None = None,
+    redactor: Callable[[str], str] | None = None,
 ) -> Server:
     """Start a server and wait until ``GET /health_generate`` answers 200; the caller must call
     :meth:`Server.stop` (or use the server as a context manager; :func:`launch` does both). A server still
@@ -959,8 +959,10 @@ def start(
         poll_interval: longest pause, in seconds, between health requests (they start 10 ms apart).
         port_attempts: launches allowed when the port turns out to be in use (``port=None`` only).
         port_picker: ``host -> port`` used when ``port`` is ``None``.
-        redactor: secrets to mask beyond the ones found in the server's command line and environment
-            (:meth:`mlaprop.redact.Redactor.from_sources` is applied to both and merged with this one).
+        redactor: the caller's redactor (a :class:`mlaprop.redact.Redactor`, whose secrets are merged, or
+            any ``str -> str``, applied after): the server's own is built from every secret in its command
+            line and environment (:meth:`mlaprop.redact.Redactor.from_sources`) and masks the live log, the
+            command and error messages.
 
     Raises:
         ServerExited: the server exited before it was ready (exit code and log tail attached).
@@ -994,9 +996,9 @@ def start(
     added = {**(plan.env if plan is not None else {}), **(env or {})}
     full_env = {**os.environ, **added}
     full_env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
-    known = Redactor.from_sources(
-        argv=[*command_prefix, *server_args], environ=full_env, extra=redactor.secrets if redactor else ()
-    )
+    known = Redactor.from_sources(argv=[*command_prefix, *server_args], environ=full_env)
+    if redactor is not None:
+        known = known.followed_by(redactor)
     deadline = time.monotonic() + ready_timeout
     for attempt in range(1, port_attempts + 1):
         chosen = port if port is not None else port_picker(host)
@@ -1049,7 +1051,7 @@ def launch(
     port_attempts: int = 3,
     port_picker: Callable[[str], int] = free_port,
     handle_sigterm: bool = True,
-    redactor: Redactor | None = None,
+    redactor: Callable[[str], str] | None = None,
 ) -> Iterator[Server]:
     """Context manager: :func:`start` a ready server, yield it, and stop it on every way out of the block.
 

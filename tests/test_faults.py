@@ -285,3 +285,19 @@ class TestRedactorWiring:
             assert "callers-own-secret-xyz" not in server.command
         assert "callers-own-secret-xyz" not in log.read_text()
         assert "served_model_name='***'" in log.read_text()
+
+    def test_a_callers_plain_redactor_runs_on_the_live_log(self, fake: Path, tmp_path: Path) -> None:
+        """Any ``str -> str`` (a job's redactor) given as ``redactor=`` is applied to every log line."""
+        log = tmp_path / "server.log"
+        with launch(
+            None,
+            "m",
+            command_prefix=FAKE,
+            extra_args=["--served-model-name", "plainvalue123"],
+            log_path=log,
+            grace=GRACE,
+            redactor=lambda text: text.replace("plainvalue123", "[hidden]"),
+        ):
+            pass
+        assert "plainvalue123" not in log.read_text()
+        assert "served_model_name='[hidden]'" in log.read_text()

@@ -232,6 +232,13 @@ class TestRedactor:
         assert r.secrets == ("sk-srv-1234", "sk-oai-5678")  # "x" is too short to mask by value
         assert r("a sk-srv-1234 b sk-oai-5678 c HF_TOKEN=zzz") == "a *** b *** c HF_TOKEN=***"
 
+    def test_followed_by_merges_redactors_and_chains_callables(self) -> None:
+        """A Redactor's secrets are merged; any other ``str -> str`` runs after, in order."""
+        r = Redactor(("first-secret",)).followed_by(Redactor(("second-secret",)))
+        assert r.secrets == ("first-secret", "second-secret")
+        chained = r.followed_by(lambda t: t.replace("a", "4")).followed_by(lambda t: t.upper())
+        assert chained("a first-secret b second-secret") == "4 *** B ***"
+
     def test_short_values_are_not_masked_by_value(self) -> None:
         """A 3-character key would garble every text it appears in: masked by pattern only."""
         r = Redactor(("abc", "1"))
