@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from mlaprop import cireport
 from mlaprop.determinism import DeterminismResult
 from mlaprop.evalclient import EvalResult, ItemRecord, percentile
 from mlaprop.mgsm import MgsmDataset, Parser
@@ -449,12 +450,19 @@ def determinism_summary(result: DeterminismResult) -> dict[str, Any]:
         "max_new_tokens": result.max_new_tokens,
         "wall_s": result.wall_s,
         "errors": list(result.errors[:20]),
+        "cause": result.cause or None,
+        "samples": result.samples,
+        "comparisons": result.comparisons,
+        "detectable_flip_rate": result.detectable_flip_rate,
+        "compared_logprobs": result.compared_logprobs,
+        "notes": list(result.notes[:20]),
         "prompts": [
             {
                 "label": o.label,
                 "prompt_chars": o.prompt_chars,
                 "samples": o.samples,
                 "distinct": o.distinct,
+                "max_logprob_diff": o.max_logprob_diff,
                 "variants": [
                     {"count": v.count, "batch_sizes": list(v.batch_sizes), "text": v.text}
                     for v in o.variants[:5]
@@ -618,28 +626,6 @@ class _Heartbeat(contextlib.AbstractContextManager[None]):
 
 
 def step_summary_markdown(summary: Summary) -> str:
-    """A short Markdown report of a run for a CI job page (GitHub's ``$GITHUB_STEP_SUMMARY``)."""
-    data = summary.to_json()
-    mgsm = data.get("mgsm") or {}
-    gating = (mgsm.get("scores") or {}).get(data["gating_parser"]) or {}
-    env = data.get("environment") or {}
-    plan = data.get("plan") or {}
-    det = data.get("determinism") or {}
-    rows = [
-        ("status", f"**{data['status']}** (exit code {data['exit_code']})"),
-        ("verdict", data.get("message") or "-"),
-        ("score", gating.get("text", "-")),
-        ("gate", f"{data['gate']} by the {data['gating_parser']} parser"),
-        ("platform", f"{env.get('vendor', '-')} {env.get('arch', '-')} x{env.get('gpu_count', '-')}"),
-        (
-            "SGLang",
-            str((data.get("provenance") or {}).get("sglang_installed") or env.get("sglang_version", "-")),
-        ),
-        ("attention backend", str(plan.get("attention_backend", "-"))),
-        ("deterministic", str(plan.get("deterministic", "-"))),
-        ("determinism check", str(det.get("reason", "not run"))),
-        ("report", data["report"]["summary"]),
-    ]
-    lines = ["### mlaprop: MGSM-en MLA FP8", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
-    return "\n".join(lines) + "\n\n"
+    """A short Markdown report of a run for a CI job page (GitHub's ``$GITHUB_STEP_SUMMARY``): the one
+    rendering in :func:`mlaprop.cireport.step_summary_markdown`, fed this summary's JSON form."""
+    return cireport.step_summary_markdown(summary.to_json())

@@ -193,6 +193,7 @@ class TestSummaries:
                 "prompt_chars": 31,
                 "samples": 3,
                 "distinct": 2,
+                "max_logprob_diff": None,
                 "variants": [
                     {"count": 2, "batch_sizes": [1, 2], "text": "a"},
                     {"count": 1, "batch_sizes": [4], "text": "b"},
@@ -391,6 +392,6 @@ class TestReporter:
         )
         Reporter(io.StringIO(), io.StringIO(), step_summary_path=path).step_summary(summary)
         text = path.read_text()
-        assert text.startswith("earlier step\n### mlaprop: MGSM-en MLA FP8\n")
-        assert "| status | **fail** (exit code 1) |" in text
-        assert "hf_abcdefghijkl" not in text and "| report | s.json |" in text
+        assert text.startswith("earlier step\n### mlaprop: FAIL - no MGSM score")
+        assert "| verdict | **fail** (exit code 1) |" in text
+        assert "hf_abcdefghijkl" not in text and "| report | `s.json` |" in text

@@ -894,7 +894,7 @@ class TestCIView:
         assert main(argv, environ=environ) == EXIT_OK
         s = json.loads((tmp_path / "from-env" / "summary.json").read_text())
         assert s["dataset"]["path"] == str(mgsm_path(mgsm_dir))
-        assert "| status | **pass** (exit code 0) |" in step.read_text()
+        assert "| verdict | **pass** (exit code 0) |" in step.read_text()
 
     def test_second_run_into_a_busy_folder_is_refused(
         self, tmp_path: Path, mgsm_dir: Path, capsys: Any

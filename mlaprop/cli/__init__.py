@@ -48,6 +48,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "launch the server, run MGSM (and the determinism check), report, tear down",
     ),
     "eval": ("mlaprop.cli.run", "add_eval", "run the MGSM eval against a running server"),
+    "compare": (
+        "mlaprop.compare_cli",
+        "add_compare",
+        "compare two runs on the same questions: exact McNemar p-value, flipped questions, differences",
+    ),
+    "table": (
+        "mlaprop.compare_cli",
+        "add_table",
+        "merge many runs into one platform x SGLang version table (Markdown or HTML)",
+    ),
 }
 
 #: Options whose value is itself a string of arguments, so it may start with "--".
