@@ -336,6 +336,19 @@ def _cause(lines: Sequence[str]) -> str:
     return "(the log is empty)"
 
 
+@contextlib.contextmanager
+def _held(lock: threading.Lock, timeout: float = 2.0) -> Iterator[None]:
+    """Hold ``lock`` for the block, but go on without it after ``timeout`` seconds: a KeyboardInterrupt that
+    lands between a ``with lock:``'s acquire and its block leaves the lock held for ever (CPython
+    bpo-29988), and teardown must never wait on that."""
+    got = lock.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if got:
+            lock.release()
+
+
 class _LogPump(threading.Thread):
     """Reads the server's output from a pipe until end of file and writes it, redacted and with long lines
     cut (:class:`mlaprop.redact.LogFilter`), to the log file and, when given, to an echo stream: the same
@@ -426,7 +439,7 @@ class _Child:
             return
         if not ready:
             return
-        with self._lock:
+        with _held(self._lock):
             if self._eof:
                 return
             try:
@@ -476,7 +489,7 @@ class _Child:
     def close(self, timeout: float) -> None:
         """Close the socket (the watchdog then kills whatever is left and exits) and reap the watchdog."""
         self._read(0.0)  # the last news first: the server's exit code
-        with self._lock:
+        with _held(self._lock):
             self._eof = True
             with contextlib.suppress(OSError):
                 self._sock.close()
@@ -797,7 +810,7 @@ class Server:
     def _sample(self) -> None:
         """Remember every current process of the tree."""
         found = self.tree()
-        with self._lock:
+        with _held(self._lock):
             for p in found:
                 self._known.setdefault(_proc_key(p), p)
 
@@ -822,9 +835,9 @@ class Server:
             except OSError:
                 continue
             if ours:
-                with self._lock:
+                with _held(self._lock):
                     self._known.setdefault(_proc_key(p), p)
-        with self._lock:
+        with _held(self._lock):
             return [p for p in self._known.values() if not _gone(p)]
 
     def _signal_all(self, sig: int, procs: Sequence[psutil.Process], group: bool) -> None:
