@@ -57,7 +57,6 @@ from mlaprop.report import (
     determinism_status,
     determinism_summary,
     mgsm_summary,
-    redact_file,
     reference_summary,
     with_secrets,
 )
@@ -749,6 +748,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
                         echo=job.reporter.stream() if run_opts.echo_server_log else False,
                         ready_timeout=run_opts.ready_timeout_s,
                         grace=run_opts.grace_s,
+                        redactor=job.reporter.redactor,
                     )
                 )
             job.step("launch", since)
@@ -788,6 +788,3 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         job.step("launch", since)
         message = f"mlaprop: the server failed: {exc.headline}"
         return job.fail("launch", exc, Status.SERVER_FAILED, EXIT_INFRA, message)
-    finally:
-        with contextlib.suppress(OSError):  # the raw log holds what the server printed, secrets included
-            redact_file(log_path, job.reporter.redactor)

@@ -35,7 +35,8 @@ from mlaprop.determinism import DeterminismResult
 from mlaprop.evalclient import EvalResult, ItemRecord, percentile
 from mlaprop.mgsm import MgsmDataset, Parser
 from mlaprop.provenance import Provenance
-from mlaprop.redact import MASK, redact, redact_argv
+from mlaprop.redact import Redactor as ValueRedactor
+from mlaprop.redact import redact, redact_argv
 from mlaprop.stats import DEFAULT_GATE, Score
 
 __all__ = [
@@ -75,18 +76,16 @@ Redactor = Callable[[str], str]
 
 
 def with_secrets(redactor: Redactor, secrets: Iterable[str | None]) -> Redactor:
-    """``redactor`` that first masks each known secret value wherever it appears (a key in a log line with
-    no flag name beside it). Values shorter than 4 characters are left to ``redactor`` (masking them would
-    mangle ordinary text). The by-value ``mlaprop.redact.Redactor(secrets)`` replaces this when it lands.
+    """``redactor`` that first masks each known secret value wherever it appears, in every encoding (bare,
+    quoted, repr'd, JSON-escaped, URL-encoded: :class:`mlaprop.redact.Redactor`). Values shorter than 4
+    characters are left to ``redactor`` (masking them would mangle ordinary text).
     """
-    values = sorted({v for v in secrets if v and len(v) >= 4}, key=len, reverse=True)
-    if not values:
+    by_value = ValueRedactor(tuple(v for v in secrets if v))
+    if not by_value.secrets:
         return redactor
 
     def masked(text: str) -> str:
-        for value in values:
-            text = text.replace(value, MASK)
-        return redactor(text)
+        return redactor(by_value.mask_values(text))
 
     return masked
 
