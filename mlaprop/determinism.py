@@ -156,6 +156,14 @@ class DeterminismResult:
     max_new_tokens: int
     wall_s: float
 
+    @property
+    def status(self) -> str:
+        """``"pass"``; ``"fail"`` when a prompt gave more than one output (quality); ``"error"`` when the
+        check could not finish (failed requests, no output, the server gone: infrastructure)."""
+        if self.passed:
+            return "pass"
+        return "fail" if any(not o.passed for o in self.outcomes) else "error"
+
 
 def _output_ids(body: dict[str, Any]) -> tuple[int, ...] | None:
     ids = body.get("output_ids")
@@ -327,9 +335,9 @@ def check_determinism(
 
 def _reason(outcomes: tuple[PromptOutcome, ...], errors: list[str], stopped: str) -> str:
     if stopped:
-        return f"fail: {stopped}"
+        return f"error: {stopped}"
     if not outcomes:
-        return "fail: no output at all (every request failed)" + (
+        return "error: no output at all (every request failed)" + (
             f"; first error: {errors[0]}" if errors else ""
         )
     varied = [o for o in outcomes if not o.passed]
@@ -350,6 +358,6 @@ def _reason(outcomes: tuple[PromptOutcome, ...], errors: list[str], stopped: str
             f"{worst.label} gave {worst.distinct} distinct outputs in {worst.samples} samples, {where} ({shown})"
         )
     if errors:
-        return f"fail: {len(errors)} requests failed, so batch independence is unproven; first: {errors[0]}"
+        return f"error: {len(errors)} requests failed, so batch independence is unproven; first: {errors[0]}"
     total = sum(o.samples for o in outcomes)
     return f"pass: {len(outcomes)} prompts, {total} samples, one distinct output each"

@@ -109,7 +109,8 @@ class TestScripted:
             result = check_determinism(srv.url, batch_sizes=(1, 2), prefix_lengths=(), config=FAST)
         assert result.passed is False
         assert result.outcomes == ()
-        assert result.reason.startswith("fail: no output at all (every request failed); first error: single")
+        assert result.reason.startswith("error: no output at all (every request failed); first error: single")
+        assert result.status == "error"  # could not finish: infrastructure (exit 3), not a quality failure
         assert len(result.errors) == 1 + 1 + 2
 
     def test_some_requests_failing(self) -> None:
@@ -126,7 +127,8 @@ class TestScripted:
         with serve(handler) as srv:
             result = check_determinism(srv.url, batch_sizes=(1,), prefix_lengths=(), config=FAST)
         assert result.passed is False
-        assert result.reason.startswith("fail: 1 requests failed, so batch independence is unproven")
+        assert result.reason.startswith("error: 1 requests failed, so batch independence is unproven")
+        assert result.status == "error"
 
     def test_server_gone(self) -> None:
         """Nothing listening: a failure, in bounded time."""
@@ -141,7 +143,8 @@ class TestScripted:
         with serve(lambda m, p, b: Answer(body={"text": "x"})) as srv:
             result = check_determinism(srv.url, batch_sizes=(1, 2), config=FAST, is_alive=lambda: False)
         assert result.passed is False
-        assert result.reason == "fail: the server process exited during the check"
+        assert result.reason == "error: the server process exited during the check"
+        assert result.status == "error"
         assert result.requests == 0
 
     @pytest.mark.parametrize(

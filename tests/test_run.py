@@ -835,6 +835,27 @@ class TestCIView:
         assert job.decide(result, error, opts).exit_code == ExitCode.INFRASTRUCTURE  # type: ignore[arg-type]
         assert job.decide(result, fail, rec).exit_code == ExitCode.QUALITY  # type: ignore[arg-type]
 
+    def test_determinism_requests_failing_is_an_error_not_a_failure(
+        self, tmp_path: Path, mgsm_dir: Path
+    ) -> None:
+        """Regression: a real check whose requests failed (HTTP 500, consistent outputs) was reported as
+        ``determinism-failed`` (exit 1, "outputs differ"); it could not finish, so it is ``determinism-error``
+        (exit 3), in the verdict and in ``summary.json``."""
+        from mlaprop.determinism import check_determinism
+        from mlaprop.evalclient import ClientConfig
+        from mlaprop.report import determinism_summary
+        from tests.eval_fixtures import Answer, serve
+
+        config = ClientConfig(max_retries=1, backoff_s=0.01, request_timeout_s=10, progress=False)
+        with serve(lambda m, p, b: Answer(500, {"error": "boom"})) as srv:
+            det = check_determinism(srv.url, batch_sizes=(1, 2), prefix_lengths=(), config=config)
+        assert det.status == "error"
+        assert determinism_summary(det)["status"] == "error"
+        result = EvalResult("en", 0, (), 0.0, "m")
+        outcome = job.decide(result, det, _opts(tmp_path, mgsm_dir, gated=False))
+        assert (outcome.status, outcome.exit_code) == ("determinism-error", ExitCode.INFRASTRUCTURE)
+        assert "determinism ERROR" in outcome.message
+
     def test_heartbeat_lines_outside_a_terminal(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """Not on a terminal, a heartbeat line names the stage and the progress every period."""
         code = _run(tmp_path, mgsm_dir, limit=8, concurrency=1, determinism=False, heartbeat_s=0.05)
