@@ -176,6 +176,24 @@ class TestFoundByNewUsers:
         assert "sekrit123" not in out + err and "othersecret456" not in out + err
         assert "***" in out
 
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api-key", "sekrit123"),
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api-key=sekrit123"),
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api=sekrit123"),
+            ("run", "--simulate", "--api-key", "sekrit123"),
+            ("compose", "--hf-token=sekrit123"),
+        ],
+    )
+    def test_secret_on_the_command_line_is_refused_unprinted(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Regression: ``eval --api-key KEY`` was read as ``--api-key-env KEY`` (an argparse prefix) and KEY
+        printed twice in the error; an unknown ``--api-key KEY`` was quoted back by argparse."""
+        code, out, err = _run(capsys, *argv)
+        assert code == 2
+        assert "sekrit123" not in out + err
+        assert err.startswith("mlaprop: error: ")
+
     @pytest.mark.parametrize("flag", ["--por", "--hos", "--model-pa"])
     def test_prefixes_of_launcher_options_are_refused(self, capsys, flag):  # type: ignore[no-untyped-def]
         """SGLang's argparse expands unique prefixes; --por is --port and is refused like it."""
