@@ -122,6 +122,8 @@ def parse_items(lines: Iterable[str], parser: str, source: str = "items.jsonl") 
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise InvalidRun(f"{source}:{number}: not an item (JSON nested too deeply)") from None
         except ValueError as exc:
             raise InvalidRun(
                 f"{source}:{number}: not JSON ({exc.args[0] if exc.args else exc}); the file is damaged, "

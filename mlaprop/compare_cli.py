@@ -82,6 +82,8 @@ def load_run(path: str | os.PathLike[str], parser: str | None = None, need_items
         summary = json.loads(text)
     except ValueError as exc:
         raise InvalidRun(f"{summary_path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidRun(f"{summary_path}: not an mlaprop summary.json (JSON nested too deeply)") from None
     if not isinstance(summary, dict) or not ({"mgsm", "plan", "status"} & set(summary)):
         raise InvalidRun(f"{summary_path}: not an mlaprop summary.json (no status, plan or mgsm)")
     items_path = summary_path.parent / ITEMS_FILE

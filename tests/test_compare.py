@@ -159,6 +159,7 @@ def test_old_summary_without_provenance_is_read() -> None:
     [
         (['{"qid": "a", "correct": true}', "{not json"], r"items.jsonl:2: not JSON"),
         (['["x"]'], r"items.jsonl:1: not an item"),
+        (["[" * 100_000 + "]" * 100_000], r"items.jsonl:1: not an item \(JSON nested too deeply\)"),
         (
             [
                 '{"qid": "q1", "correct": true, "extracted": "1"}',
@@ -192,6 +193,21 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlaprop: error: ") and "nope: no such file" in err
+
+
+def test_deeply_nested_summary_is_refused_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: a summary.json nested 100,000 deep crashed compare and table with a RecursionError
+    traceback (exit 1, read as "B is worse"); it is refused naming the file (exit 2)."""
+    good = _write_run(tmp_path / "a", set(range(1, N + 1)), _summary())
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "summary.json").write_text('{"status": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for argv in (["compare", str(good), str(deep)], ["table", str(deep)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mlaprop: error: ") and "nested too deeply" in err.splitlines()[0]
 
 
 def test_table_merges_runs_into_platform_by_version(tmp_path: Path) -> None:
