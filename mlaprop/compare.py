@@ -231,7 +231,9 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
     argv = plan.get("argv")
     server_args = plan.get("server_args") if isinstance(plan.get("server_args"), Mapping) else {}
     assert isinstance(server_args, Mapping)
-    tp = server_args.get("tp_size") or _option(argv, "--tp-size", "--tp", "--tensor-parallel-size") or 1
+    tp = server_args.get("tp_size") or _option(argv, "--tp-size", "--tp", "--tensor-parallel-size")
+    if tp is None and isinstance(argv, list):
+        tp = 1  # a plan without the flag: SGLang's default (no plan: not recorded)
     kv = server_args.get("kv_cache_dtype") or _option(argv, "--kv-cache-dtype")
     gpu = _find(prov, "gpu", "name") or _find(prov, "gpu", "model") or _find(prov, "gpu")
     if isinstance(gpu, Mapping):
@@ -246,7 +248,10 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
         "CUDA": _text(_find(prov, "cuda") or env.get("cuda_version")),
         "ROCm": _text(_find(prov, "rocm") or _find(prov, "hip")),
         "torch": _text(_find(prov, "torch")),
-        "SGLang installed": _text(_find(prov, "sglang")),
+        # exact key first: the fuzzy match would take sglang_rules when SGLang is not installed
+        "SGLang installed": _text(
+            prov["sglang_installed"] if "sglang_installed" in prov else _find(prov, "sglang")
+        ),
         "SGLang rules": _text(plan.get("sglang_version") or env.get("sglang_version")),
         "attention backend": _text(plan.get("resolved_attention_backend") or plan.get("attention_backend")),
         "deterministic": _text(plan.get("deterministic")),
