@@ -511,12 +511,12 @@ def evaluate(base_url: str, opts: EvalOptions, *, reporter: Reporter | None = No
     if job is None:
         return ExitCode.USAGE
     try:
+        job.summary.provenance = collect_provenance(None, simulated=False)
         dataset = _dataset_stage(job, opts)
         if dataset is None:
             return ExitCode.USAGE
         job.add_secrets([opts.api_key, *_secret_values(None)])
         job.summary.server = ServerInfo(base_url)
-        job.summary.provenance = collect_provenance(None, simulated=False)
         config = opts.client_config()
         try:
             result = eval_mgsm(job, base_url, dataset, config, None)
@@ -581,6 +581,7 @@ def _sim_args(env: Environment, dataset: MgsmDataset, run_opts: RunOptions) -> l
 
 
 def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
+    job.summary.provenance = collect_provenance(None, simulated=run_opts.simulate)  # refined after detect
     dataset = _dataset_stage(job, opts)
     if dataset is None:
         return ExitCode.USAGE

@@ -183,6 +183,8 @@ class TestDatasetErrorsBeforeLaunch:
         where = f"{bad}:{line}" if line else str(bad)
         assert s["error"]["message"].startswith(f"{where}: {problem}")
         assert s["server"] is None
+        # regression: provenance was null when the run stopped at the dataset stage
+        assert s["provenance"]["mlaprop_version"] and s["provenance"]["simulated"] is True
 
     def test_offline_without_cache(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
         """Offline with an empty cache: exit 2 and how to provide the file."""
@@ -468,6 +470,7 @@ class TestCommandLine:
             dataset=str(tmp_path / "missing.tsv"), report_dir=tmp_path / "report", progress=False
         )
         assert evaluate("http://127.0.0.1:1", opts) == EXIT_USAGE
+        assert _summary(tmp_path)["provenance"]["simulated"] is False  # regression: was null
 
 
 def _no_launch(monkeypatch: Any) -> None:
