@@ -41,8 +41,13 @@ class TestRefusals:
     def test_no_gpu_at_all(self):
         """No GPU: refused, with the preview command."""
         env = detect_environment({}, probe=HardwareProbe)
-        with pytest.raises(PreflightError, match="no GPU found"):
+        with pytest.raises(PreflightError, match="no GPU found") as err:
             preflight(env, expect=Vendor.NVIDIA, model=MODEL, environ={}, find_spec=_found)
+        # regression: an NVIDIA run was told to preview the AMD plan
+        assert "`mlaprop compose --vendor nvidia --arch sm90`." in str(err.value)
+        with pytest.raises(PreflightError, match="no GPU found") as err:
+            preflight(env, expect=Vendor.AMD, model=MODEL, environ={}, find_spec=_found)
+        assert "`mlaprop compose --vendor amd --arch gfx942`." in str(err.value)
 
     def test_sglang_not_importable(self):
         """SGLang missing: refused, naming the interpreter and how to install it."""
