@@ -141,6 +141,29 @@ def test_console_script_runs_as_a_process():
     assert proc.stdout.strip().endswith("--enable-deterministic-inference")
 
 
+def test_reader_gone_is_141_without_a_traceback():
+    """Regression: ``mlaprop compose --explain | head -1`` printed a BrokenPipeError traceback and exited 1
+    (a quality failure); it exits 141 (128 + SIGPIPE, as a shell tool) and prints nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLAPROP_", "SGLANG_"))}
+    argv = [
+        sys.executable,
+        "-m",
+        "mlaprop.cli",
+        "compose",
+        "--vendor",
+        "nvidia",
+        "--arch",
+        "sm90",
+        "--explain",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has printed anything: it starts in well over a millisecond
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 class TestFoundByNewUsers:
     """Regressions from a fresh user's attempts to break the CLI."""
 
