@@ -44,7 +44,7 @@ DEFAULT_REPORT_DIR = "mlaprop-report"
 
 _EXIT_HELP = (
     "Exit 0 pass, 1 quality failure (gate, determinism), 2 usage or environment error before launch, "
-    "3 infrastructure failure (server, aborted eval, teardown), 130/143 interrupted."
+    "3 infrastructure failure (server, aborted eval, teardown), 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP)."
 )
 
 
