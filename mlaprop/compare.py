@@ -496,6 +496,12 @@ def compare_runs(
         )
     differences += _provenance_differences(a.summary, b.summary)
     warnings: list[str] = []
+    same = [(_get(r.summary, "report", "summary"), r.summary.get("started_at")) for r in (a, b)]
+    if None not in same[0] and same[0] == same[1]:
+        warnings.append(
+            f"A and B are the same run (report {same[0][0]}, started {same[0][1]}), or copies of it: "
+            "nothing was compared with another run"
+        )
     sha_a, sha_b = _get(a.summary, "dataset", "sha256"), _get(b.summary, "dataset", "sha256")
     if sha_a and sha_b and sha_a != sha_b:
         warnings.append(

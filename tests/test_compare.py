@@ -195,6 +195,24 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert err.startswith("mlaprop: error: ") and "nope: no such file" in err
 
 
+def test_the_same_run_twice_is_named(tmp_path: Path) -> None:
+    """Regression: ``compare A A`` (or a copy of A) said only "no significant difference"; it warns that
+    nothing was compared with another run. Two runs are not confused with each other."""
+    right = set(range(1, N + 1))
+    one = _summary(started_at="2026-12-02T15:00:00+00:00", report={"summary": "/r/one/summary.json"})
+    two = _summary(started_at="2026-12-02T15:10:00+00:00", report={"summary": "/r/one/summary.json"})
+    a = load_run(_write_run(tmp_path / "a", right, one))
+    copy = load_run(_write_run(tmp_path / "copy", right, one))
+    b = load_run(_write_run(tmp_path / "b", right, two))
+    assert any("A and B are the same run" in w for w in compare_runs(a, a).warnings)
+    assert any("A and B are the same run" in w for w in compare_runs(a, copy).warnings)
+    assert not any("same run" in w for w in compare_runs(a, b).warnings)
+    assert not any(
+        "same run" in w
+        for w in compare_runs(load_run(_write_run(tmp_path / "old", right, _summary())), a).warnings
+    )
+
+
 def test_deeply_nested_summary_is_refused_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
