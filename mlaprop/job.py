@@ -469,6 +469,9 @@ def _aborted(job: JobRecord, exc: EvalAborted, tail: Sequence[str], *, server_di
     if server_died:
         cause = next((line.strip() for line in reversed(tail) if _LOG_CAUSE.search(line)), None)
     why = f"{exc.reason} (server log: {cause})" if cause else exc.reason
+    first = next(iter(m.get("first_errors") or ()), None)
+    if not cause and isinstance(first, Mapping) and first.get("error"):  # the cause, not only the count
+        why = f"{why}; first error ({first.get('qid', '?')}): {first['error']}"
     return job.finish(Status.ABORTED, EXIT_INFRA, f"verdict: ABORTED - {why} ({done})", error=True)
 
 

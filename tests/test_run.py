@@ -237,6 +237,8 @@ class TestServerFailures:
         out, err = capsys.readouterr()
         assert err.startswith("verdict: ABORTED - ") and "over the 5% bound" in err.splitlines()[0]
         assert "ABORTED" not in out and "MGSM-en: 100 questions" in out and "report: " in out
+        # regression: the line gave only the count; it names the first failure (here the HTTP 400)
+        assert "; first error (mgsm_en_" in err.splitlines()[0] and "HTTP 400" in err.splitlines()[0]
 
     def test_few_errors_are_reported_not_scored(self, tmp_path: Path, mgsm_dir: Path) -> None:
         """Malformed replies under the bound are errors, counted apart from wrong answers."""
