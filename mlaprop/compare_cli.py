@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlaprop.cli.common import one_line_errors
 from mlaprop.compare import (
     InvalidRun,
     RunRecord,
@@ -204,6 +205,7 @@ def add_compare(sub: Subparsers, help: str = "compare two runs on the same quest
         "--fail-if-worse", action="store_true", help="exit 1 when B scores significantly lower than A"
     )
     p.set_defaults(func=_cmd_compare)
+    one_line_errors(p)  # the cause first, no usage block, as every other command
 
 
 def add_table(
@@ -226,6 +228,7 @@ def add_table(
     )
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=_cmd_table)
+    one_line_errors(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

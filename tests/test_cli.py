@@ -90,6 +90,10 @@ class TestCompose:
             (("compose", "--arch", "sm90", "--server-args", "--port 1"), "launcher"),
             (("compose", "--arch", "sm90", "--server-args", "'unbalanced"), "shell quoting"),
             (("compose", "--arch", "sm90", "--tp", "0"), ">= 1"),
+            # regression: compare and table printed argparse's usage block first
+            (("compare",), "required: A, B"),
+            (("compare", "a", "b", "--alpha", "7"), "between 0 and 1"),
+            (("table",), "required: DIR"),
         ],
     )
     def test_errors_exit_2_with_the_cause_first(self, capsys, argv, match):  # type: ignore[no-untyped-def]
