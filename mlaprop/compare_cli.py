@@ -126,6 +126,16 @@ def find_reports(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(dict.fromkeys(x.resolve() for x in found))
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _alpha(text: str) -> float:
     try:
         value = float(text)
@@ -200,7 +210,9 @@ def add_compare(sub: Subparsers, help: str = "compare two runs on the same quest
         "--alpha", type=_alpha, default=DEFAULT_ALPHA, help="significance level (default: %(default)s)"
     )
     p.add_argument("--json", action="store_true", help="print JSON (every flipped question)")
-    p.add_argument("--max-flips", type=int, default=50, metavar="N", help="flipped questions listed (text)")
+    p.add_argument(
+        "--max-flips", type=_count, default=50, metavar="N", help="flipped questions listed (text), >= 0"
+    )
     p.add_argument(
         "--fail-if-worse", action="store_true", help="exit 1 when B scores significantly lower than A"
     )

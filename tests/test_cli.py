@@ -94,6 +94,7 @@ class TestCompose:
             (("compare",), "required: A, B"),
             (("compare", "a", "b", "--alpha", "7"), "between 0 and 1"),
             (("table",), "required: DIR"),
+            (("compare", "a", "b", "--max-flips", "-2"), "must be >= 0"),  # listed 13 of 15, "and 17 more"
         ],
     )
     def test_errors_exit_2_with_the_cause_first(self, capsys, argv, match):  # type: ignore[no-untyped-def]
