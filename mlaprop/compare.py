@@ -496,6 +496,14 @@ def compare_runs(
         )
     differences += _provenance_differences(a.summary, b.summary)
     warnings: list[str] = []
+    for label, r in (("A", a), ("B", b)):
+        status = r.summary.get("status")
+        if status in ("running", "interrupted", "aborted", "server-failed", "error"):
+            warnings.append(
+                f"run {label} did not finish (status {status}"
+                + (": still running, or its process was killed" if status == "running" else "")
+                + "): only the questions it answered are paired"
+            )
     same = [(_get(r.summary, "report", "summary"), r.summary.get("started_at")) for r in (a, b)]
     if None not in same[0] and same[0] == same[1]:
         warnings.append(

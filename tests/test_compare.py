@@ -207,6 +207,12 @@ def test_the_same_run_twice_is_named(tmp_path: Path) -> None:
     assert any("A and B are the same run" in w for w in compare_runs(a, a).warnings)
     assert any("A and B are the same run" in w for w in compare_runs(a, copy).warnings)
     assert not any("same run" in w for w in compare_runs(a, b).warnings)
+    # regression: a run killed mid-eval (status still "running") was compared without a word
+    killed = load_run(_write_run(tmp_path / "killed", right, _summary(status="running")))
+    assert "run B did not finish (status running: still running, or its process was killed)" in " ".join(
+        compare_runs(a, killed).warnings
+    )
+    assert not any("did not finish" in w for w in compare_runs(a, b).warnings)
     assert not any(
         "same run" in w
         for w in compare_runs(load_run(_write_run(tmp_path / "old", right, _summary())), a).warnings
