@@ -396,6 +396,11 @@ def determinism(
     opts = job.opts
     since = time.monotonic()
     job.stage = "determinism"
+
+    def keep(partial: DeterminismResult) -> None:  # answered waves survive an interrupt or a crash
+        job.summary.determinism = determinism_summary(partial)
+        job.save()
+
     with job.reporter.heartbeat("determinism check", opts.heartbeat_s, lambda: ""):
         result = check_determinism(
             base_url,
@@ -403,6 +408,7 @@ def determinism(
             prefix_lengths=opts.prefix_lengths,
             config=config,
             is_alive=is_alive,
+            on_progress=keep,
         )
     job.step("determinism", since)
     job.summary.determinism = determinism_summary(result)
@@ -434,7 +440,8 @@ def decide(result: EvalResult, det: DeterminismResult | None, opts: EvalOptions)
         )
     detail = "; ".join(parts)
     if det_status == "error":
-        return Outcome(Status.DETERMINISM_ERROR, EXIT_INFRA, f"verdict: ERROR - {detail}")
+        cause = getattr(det, "cause", "") or "the check could not finish"
+        return Outcome(Status.DETERMINISM_ERROR, EXIT_INFRA, f"verdict: ERROR - {detail} ({cause})")
     det_failed = det_status == "fail"
     if not opts.gated:
         if result.answered == 0:
@@ -661,6 +668,9 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
             else:
                 det = determinism(job, server.base_url, config, server.alive) if wants_det else None
                 outcome = decide(result, det, opts)
+                if det is not None and determinism_status(det) == "error":  # infrastructure: cause + log tail
+                    tail = tuple(server.log_tail(5))
+                    job.summary.error = ErrorInfo("determinism", "DeterminismError", det.cause, tail)
                 code = job.finish(outcome.status, outcome.exit_code, outcome.message)
             since = time.monotonic()
             job.stage = "teardown"

@@ -463,12 +463,19 @@ def determinism_summary(result: DeterminismResult) -> dict[str, Any]:
         "max_new_tokens": result.max_new_tokens,
         "wall_s": result.wall_s,
         "errors": list(result.errors[:20]),
+        "cause": result.cause or None,
+        "samples": result.samples,
+        "comparisons": result.comparisons,
+        "detectable_flip_rate": result.detectable_flip_rate,
+        "compared_logprobs": result.compared_logprobs,
+        "notes": list(result.notes[:20]),
         "prompts": [
             {
                 "label": o.label,
                 "prompt_chars": o.prompt_chars,
                 "samples": o.samples,
                 "distinct": o.distinct,
+                "max_logprob_diff": o.max_logprob_diff,
                 "variants": [
                     {"count": v.count, "batch_sizes": list(v.batch_sizes), "text": v.text}
                     for v in o.variants[:5]

@@ -193,6 +193,7 @@ class TestSummaries:
                 "prompt_chars": 31,
                 "samples": 3,
                 "distinct": 2,
+                "max_logprob_diff": None,
                 "variants": [
                     {"count": 2, "batch_sizes": [1, 2], "text": "a"},
                     {"count": 1, "batch_sizes": [4], "text": "b"},

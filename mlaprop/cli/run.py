@@ -123,7 +123,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
         type=arg_type(o.batch_sizes),
         default=DEFAULT_BATCH_SIZES,
         metavar="N,N",
-        help="determinism batch sizes, each >= 1 (default: 1,2,4,8,16)",
+        help="determinism wave sizes, each >= 1, capped at the server's max_running_requests "
+        f"(default: {','.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
     d.add_argument(
         "--prefix-lengths",
