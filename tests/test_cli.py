@@ -228,6 +228,8 @@ class TestFoundByNewUsers:
         code, _, err = _run(capsys, "compose", "--arch", "sm90", "--", flag, "1234")
         assert code == 2
         assert "is set by mlaprop's launcher" in err
+        # regression: --port / --host were told to "pass the model with mlaprop's --model"
+        assert ("--model" in err) == (flag == "--model-pa")
 
     def test_string_options_take_a_value_starting_with_dashes(self, capsys):  # type: ignore[no-untyped-def]
         """``--server-args "--disable-cuda-graph"`` works without the ``=`` form."""
