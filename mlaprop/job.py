@@ -688,6 +688,8 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
     except srv.ServerError as exc:  # could not start (teardown failures are handled above)
         job.step("launch", since)
         message = f"mlaprop: the server failed: {exc.headline}"
+        if isinstance(exc, srv.ServerStartTimeout):  # the fix, on the same line, for a server only slow
+            message += "; if it is only slow to load, raise --ready-timeout (MLAPROP_READY_TIMEOUT in tox)"
         return job.fail("launch", exc, Status.SERVER_FAILED, EXIT_INFRA, message)
     finally:
         with contextlib.suppress(OSError):  # the raw log holds what the server printed, secrets included

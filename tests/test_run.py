@@ -284,6 +284,24 @@ class TestServerFailures:
         assert err.startswith("mlaprop: the server failed: ") and "exited with code 3" in err.splitlines()[0]
         assert "the server failed" not in out and "report: " in out
 
+    def test_start_timeout_names_the_fix(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A server never healthy: exit 3, and stderr's first line says how to give a slow one more time
+        (regression: it named the timeout but not --ready-timeout)."""
+        run_opts = RunOptions(
+            request=LaunchRequest(),
+            environment=ENV,
+            simulate=True,
+            sim_args=("--sim-never-healthy",),
+            ready_timeout_s=1.5,
+            grace_s=2,
+        )
+        code = run(run_opts, _opts(tmp_path, mgsm_dir, limit=2))
+        s = _summary(tmp_path)
+        assert (code, s["status"]) == (EXIT_INFRA, "server-failed")
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith("mlaprop: the server failed: server not ready after 1.5 s")
+        assert "raise --ready-timeout" in first
+
     def test_teardown_failure_fails_the_run(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
         """Processes left behind at teardown turn a passing verdict into exit 1, and the report says so."""
         real_stop = server.Server.stop
