@@ -90,7 +90,8 @@ def load_run(path: str | os.PathLike[str], parser: str | None = None, need_items
     items_path = summary_path.parent / ITEMS_FILE
     if not items_path.is_file():
         named = summary.get("report", {}).get("items") if isinstance(summary.get("report"), dict) else None
-        items_path = Path(named) if isinstance(named, str) else items_path
+        if isinstance(named, str) and _same_run(summary, Path(named).parent / SUMMARY_FILE):
+            items_path = Path(named)
     marked_by = parser or gating_parser(summary)
     if items_path.is_file():
         items = parse_items(_read_text(items_path).splitlines(), marked_by, str(items_path))
@@ -102,6 +103,17 @@ def load_run(path: str | os.PathLike[str], parser: str | None = None, need_items
     else:
         items = ()
     return RunRecord(name=str(summary_path), summary=summary, items=items)
+
+
+def _same_run(summary: Mapping[str, Any], other: Path) -> bool:
+    """``other`` (the summary beside the items a summary names) is the same run: a later run into that
+    folder replaced the items, which must not be read as this run's."""
+    try:
+        theirs = json.loads(_read_text(other))
+    except (InvalidRun, ValueError, RecursionError):
+        return False
+    keys = ("started_at", "command")
+    return isinstance(theirs, dict) and all(theirs.get(k) == summary.get(k) for k in keys)
 
 
 def find_reports(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -219,6 +219,22 @@ def test_the_same_run_twice_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_items_named_by_a_summary_are_read_only_from_the_same_run(tmp_path: Path) -> None:
+    """Regression: a summary.json copied alone had its items read from the path it names, even after a later
+    run replaced them there: compare paired the wrong run's answers without a word. They are read only
+    when the summary beside them is the same run."""
+    first = _summary(started_at="2026-12-02T15:00:00+00:00", command="run --simulate")
+    first["report"] = {"items": str(tmp_path / "a" / "items.jsonl")}
+    _write_run(tmp_path / "a", set(range(1, N + 1)), first)
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "summary.json").write_text(json.dumps(first))
+    assert len(load_run(tmp_path / "lone").items) == N  # the same run: its items are found
+    later = {**first, "started_at": "2026-12-02T16:00:00+00:00"}
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(later))  # a later run into folder a
+    with pytest.raises(InvalidRun, match=r"no items\.jsonl beside it"):
+        load_run(tmp_path / "lone")
+
+
 def test_deeply_nested_summary_is_refused_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
