@@ -299,7 +299,9 @@ class TestServerFailures:
         s = _summary(tmp_path)
         assert (code, s["status"]) == (EXIT_INFRA, "server-failed")
         first = capsys.readouterr().err.splitlines()[0]
-        assert first.startswith("mlaprop: the server failed: server not ready after 1.5 s")
+        assert first.startswith(
+            "mlaprop: the server failed: server not ready after "
+        )  # 1.5 s, or more under load
         assert "raise --ready-timeout" in first
 
     def test_teardown_failure_fails_the_run(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
