@@ -85,8 +85,8 @@ def check_sglang_importable(find_spec: Callable[[str], object] = importlib.util.
         raise PreflightError(
             f"SGLang is not importable from {sys.executable}.\nInstall it in this environment "
             "(pip install 'sglang[all]'), or run the tox env with the GPU image's Python, whose SGLang the "
-            "gpu-* envs reuse through system_site_packages; if SGLang lives in a venv, put that venv's "
-            "site-packages on PYTHONPATH (the gpu-* envs pass it through)."
+            "gpu-* envs reuse through system_site_packages; if SGLang lives in a venv (such as "
+            "/opt/torch/.venv), set MLAPROP_PYTHON to that venv's python for `tox -e gpu-nvidia` / `gpu-amd`."
         )
 
 

@@ -54,6 +54,8 @@ class TestRefusals:
         with pytest.raises(PreflightError, match="SGLang is not importable") as err:
             preflight(Environment(), expect=Vendor.NVIDIA, model=MODEL, environ={}, find_spec=lambda _n: None)
         assert "pip install" in str(err.value) and "system_site_packages" in str(err.value)
+        # regression: the hint said to put the venv on PYTHONPATH; the README's fix is MLAPROP_PYTHON
+        assert "set MLAPROP_PYTHON to that venv's python" in str(err.value)
 
     def test_model_not_cached_while_offline(self, tmp_path: Path):
         """``HF_HUB_OFFLINE=1`` and no cached snapshot: refused, naming the model, HF_HOME and the folder."""
