@@ -194,6 +194,7 @@ class Summary:
     server: ServerInfo | None = None
     mgsm: dict[str, Any] | None = None
     determinism: dict[str, Any] | None = None
+    smoke: dict[str, Any] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     finished_at: str | None = None
     ended_by_signal: str | None = None
@@ -223,6 +224,7 @@ class Summary:
             "server": self.server.to_json() if self.server is not None else None,
             "mgsm": self.mgsm,
             "determinism": self.determinism,
+            "smoke": self.smoke,
             "timings_s": dict(self.timings_s),
             "report": dict(self.report),
             "error": self.error.to_json() if self.error is not None else None,
@@ -231,6 +233,30 @@ class Summary:
         if self.teardown_error is not None:
             data["teardown_error"] = self.teardown_error
         return data
+
+
+def reference_summary(
+    agreement: Any, answers: Mapping[str, tuple[str, str]], reference: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``summary.json``'s ``smoke.reference``: the server's answers against the canary's reference forward
+    (``agreement``: a :class:`mlaprop.canary.ReferenceAgreement`; ``answers``: qid -> (response, extracted);
+    ``reference``: :func:`mlaprop.canary.reference_answers`). Every question whose extracted answer differs
+    is listed with both answers and the reference's logit margin."""
+    return {
+        "total": agreement.total,
+        "same_answer": agreement.same_answer,
+        "same_text": agreement.same_text,
+        "rate": round(agreement.rate, 6),
+        "differing": [
+            {
+                "qid": q,
+                "server": answers[q][1],
+                "reference": str(reference[q].get("extracted", "")),
+                "margin": reference[q].get("margin"),
+            }
+            for q in agreement.differing
+        ],
+    }
 
 
 class RedactingStream(io.TextIOBase):

@@ -50,6 +50,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "launch the server, run MGSM (and the determinism check), report, tear down",
     ),
     "eval": ("mlaprop.cli.run", "add_eval", "run the MGSM eval against a running server"),
+    "canary": (
+        "mlaprop.canary",
+        "add_canary_parser",
+        "train (on this GPU) or reuse the canary model smoke mode gates on",
+    ),
     "compare": (
         "mlaprop.compare_cli",
         "add_compare",
