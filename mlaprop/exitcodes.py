@@ -10,6 +10,7 @@ code   meaning
        or the determinism check could not finish (ERROR)
 130    interrupted by SIGINT (Ctrl-C), 128 + 2
 143    terminated by SIGTERM, 128 + 15 (SIGHUP: 129)
+141    stdout's reader went away (``mlaprop compose | head -1``), 128 + SIGPIPE, as a shell tool
 =====  ==========================================================================================
 """
 
@@ -29,6 +30,7 @@ class ExitCode(enum.IntEnum):
     INFRASTRUCTURE = 3
     SIGINT = 130
     SIGTERM = 143
+    BROKEN_PIPE = 141
 
 
 def signal_exit_code(signum: int) -> int:

@@ -482,6 +482,9 @@ def _aborted(job: JobRecord, exc: EvalAborted, tail: Sequence[str], *, server_di
     if server_died:
         cause = next((line.strip() for line in reversed(tail) if _LOG_CAUSE.search(line)), None)
     why = f"{exc.reason} (server log: {cause})" if cause else exc.reason
+    first = next(iter(m.get("first_errors") or ()), None)
+    if not cause and isinstance(first, Mapping) and first.get("error"):  # the cause, not only the count
+        why = f"{why}; first error ({first.get('qid', '?')}): {first['error']}"
     return job.finish(Status.ABORTED, EXIT_INFRA, f"verdict: ABORTED - {why} ({done})", error=True)
 
 
@@ -607,12 +610,12 @@ def evaluate(base_url: str, opts: EvalOptions, *, reporter: Reporter | None = No
     if job is None:
         return ExitCode.USAGE
     try:
+        job.summary.provenance = collect_provenance(None, simulated=False)
         dataset = _dataset_stage(job, opts)
         if dataset is None:
             return ExitCode.USAGE
         job.add_secrets([opts.api_key, *_secret_values(None)])
         job.summary.server = ServerInfo(base_url)
-        job.summary.provenance = collect_provenance(None, simulated=False)
         config = opts.client_config()
         try:
             result = eval_mgsm(job, base_url, dataset, config, None)
@@ -677,6 +680,7 @@ def _sim_args(env: Environment, dataset: MgsmDataset, run_opts: RunOptions) -> l
 
 
 def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
+    job.summary.provenance = collect_provenance(None, simulated=run_opts.simulate)  # refined after detect
     dataset = _dataset_stage(job, opts)
     if dataset is None:
         return ExitCode.USAGE
@@ -787,4 +791,6 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
     except srv.ServerError as exc:  # could not start (teardown failures are handled above)
         job.step("launch", since)
         message = f"mlaprop: the server failed: {exc.headline}"
+        if isinstance(exc, srv.ServerStartTimeout):  # the fix, on the same line, for a server only slow
+            message += "; if it is only slow to load, raise --ready-timeout (MLAPROP_READY_TIMEOUT in tox)"
         return job.fail("launch", exc, Status.SERVER_FAILED, EXIT_INFRA, message)

@@ -345,15 +345,28 @@ class Reporter:
 
     def say(self, line: str) -> None:
         """One line on ``out``."""
-        print(_encodable(self.redactor(line), self.out), file=self.out, flush=True)
+        _print(_encodable(self.redactor(line), self.out), self.out)
 
     def error(self, line: str) -> None:
         """One line on ``err``."""
-        print(_encodable(self.redactor(line), self.err), file=self.err, flush=True)
+        _print(_encodable(self.redactor(line), self.err), self.err)
 
     def stream(self) -> TextIO:
         """``err`` behind the redactor (a :class:`RedactingStream`), for the live server-log mirror."""
         return cast(TextIO, RedactingStream(self.err, self.redactor))
+
+
+def _print(line: str, stream: TextIO) -> None:
+    """``print(line)``; a reader that went away (``mlaprop run | head -3``) ends the printing, not the job:
+    the stream's descriptor is pointed at ``/dev/null`` (as Python's documentation advises for SIGPIPE),
+    and the job goes on to its verdict, teardown and report."""
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def item_json(record: ItemRecord, parser: Parser) -> dict[str, Any]:

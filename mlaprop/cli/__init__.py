@@ -10,7 +10,9 @@ chosen command's module is imported, so ``mlaprop compose`` never loads the HTTP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -138,6 +140,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (UnsupportedCombination, InvalidEnvironment, PreflightError) as exc:
         print(redact(f"mlaprop: error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return ExitCode.USAGE
+    except BrokenPipeError:  # `mlaprop compose --explain | head -1`: the reader had enough
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+            os.close(devnull)
+        return ExitCode.BROKEN_PIPE
     except KeyboardInterrupt:
         if argv is None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -52,7 +52,7 @@ DEFAULT_REPORT_DIR = "mlaprop-report"
 
 _EXIT_HELP = (
     "Exit 0 pass, 1 quality failure (gate, determinism), 2 usage or environment error before launch, "
-    "3 infrastructure failure (server, aborted eval, teardown), 130/143 interrupted."
+    "3 infrastructure failure (server, aborted eval, teardown), 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP)."
 )
 
 
@@ -278,6 +278,12 @@ def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> in
     env_vars = os.environ if environ is None else environ
     reporter = _reporter(env_vars)
     api_key = None
+    if args.api_key_value is not None:
+        reporter.error(
+            "mlaprop: error: eval takes no key on the command line (`--api-key`), where ps and CI logs show "
+            "it; export it and pass the variable's name with --api-key-env VAR"
+        )
+        return ExitCode.USAGE
     if args.api_key_env:
         api_key = env_vars.get(args.api_key_env)
         if api_key and not _header_safe(api_key):
@@ -376,6 +382,8 @@ def add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str
         metavar="VAR",
         help="environment variable holding the server's --api-key (sent as bearer)",
     )
+    # Without it, argparse reads ``--api-key KEY`` as the prefix of --api-key-env and prints KEY back.
+    p.add_argument("--api-key", dest="api_key_value", metavar="KEY", help=argparse.SUPPRESS)
     _add_eval_options(p, in_run=False)
     p.set_defaults(func=_cmd_eval)
     one_line_errors(p)
