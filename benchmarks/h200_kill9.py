@@ -46,8 +46,18 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=400.0)
     ap.add_argument("rest", nargs="*")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "mlaprop.cli", "run", "--smoke", "--smoke-model", args.smoke_model,
-           "--report-dir", "/tmp/mlaprop-kill9", *args.rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlaprop.cli",
+        "run",
+        "--smoke",
+        "--smoke-model",
+        args.smoke_model,
+        "--report-dir",
+        "/tmp/mlaprop-kill9",
+        *args.rest,
+    ]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
