@@ -252,12 +252,13 @@ def _sigint_deferred() -> Iterator[None]:
 
 def _exit_code_of(exc: BaseException) -> int:
     """The status a process ends with when ``exc`` ends it: 130 for Ctrl-C, a ``SystemExit``'s code (143
-    for :class:`mlaprop.server.Terminated`), 1 for a traceback."""
+    for :class:`mlaprop.server.Terminated`), 3 for an unexpected exception (a crash of mlaprop itself says
+    nothing about the model's quality, so a CI retry policy must not read it as exit 1)."""
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.SIGINT
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else ExitCode.QUALITY)
-    return ExitCode.QUALITY
+    return ExitCode.INFRASTRUCTURE
 
 
 def _report_dir_problem(path: Path, exc: OSError) -> str:

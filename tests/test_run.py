@@ -842,6 +842,31 @@ class TestCIView:
         assert _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3")) == EXIT_INFRA == 3
         assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
 
+    def test_a_crash_of_mlaprop_itself_is_infrastructure(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    ) -> None:
+        """A bug inside mlaprop (an unexpected exception mid-run) exits 3, never 1 (a quality failure), and the
+        summary records the exception; the server is still torn down."""
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise ZeroDivisionError("a bug in mlaprop")
+
+        monkeypatch.setattr(job, "check_determinism", broken)
+        with pytest.raises(ZeroDivisionError):  # the job records it, tears down, and lets it propagate
+            _run(tmp_path, mgsm_dir, accuracy=1.0, limit=8)
+        s = _summary(tmp_path)
+        assert s["status"] == "error" and s["exit_code"] == 3
+        (tmp_path / "report").rename(tmp_path / "first")
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--limit", "8"]
+        argv += ["--report-dir", str(tmp_path / "report"), "--sim-accuracy", "1.0"]
+        capsys.readouterr()
+        assert main(argv) == ExitCode.INFRASTRUCTURE == 3  # the console command exits 3, not Python's 1
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first == "mlaprop: error (ZeroDivisionError: a bug in mlaprop); partial report kept"
+        s = _summary(tmp_path)
+        assert s["status"] == "error" and s["exit_code"] == 3
+        assert s["error"]["type"] == "ZeroDivisionError" and "a bug in mlaprop" in s["error"]["message"]
+
     def test_items_in_question_order_with_the_question(self, tmp_path: Path, mgsm_dir: Path) -> None:
         """16 requests in flight finish in any order; items.jsonl is in question order with the question."""
         assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40, determinism=False) == EXIT_OK

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
 
 from mlaprop import __version__
@@ -146,6 +147,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
             os.close(devnull)
         return ExitCode.BROKEN_PIPE
+    except Exception as exc:  # a bug in mlaprop: infrastructure (3), never read as a quality failure (1)
+        print(
+            redact(f"mlaprop: error: internal error, {type(exc).__name__}: {exc} (a bug in mlaprop; exit 3)"),
+            file=sys.stderr,
+        )
+        trace = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        print(redact("".join(trace)), file=sys.stderr, end="")
+        return ExitCode.INFRASTRUCTURE
     except KeyboardInterrupt:
         if argv is None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
