@@ -243,10 +243,14 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
     notes: list[Decision] = []
     for opt in parse_args(request.extra_args):
         if opt.name in LAUNCHER_OWNED:
+            fix = (
+                "pass the model with mlaprop's --model"
+                if opt.name == "--model-path"
+                else "the launcher serves on 127.0.0.1, on a free port it picks itself; leave it out"
+            )
             raise InvalidEnvironment(
                 f"{opt.name} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
-                "unique prefixes such as --por as the full option): pass the model with mlaprop's --model; the "
-                "launcher picks a free port on 127.0.0.1 itself"
+                f"unique prefixes such as --por as the full option): {fix}"
             )
         if (
             is_secret_name(opt.name)

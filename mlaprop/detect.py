@@ -283,7 +283,11 @@ def detect_environment(
     hw = HardwareProbe()
     if vendor is None or not arch:
         hw = probe()
-        notes.append(f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}")
+        notes.append(
+            f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}"
+            if hw.vendor is not Vendor.NONE
+            else "hardware probe: no GPU found by torch, nvidia-smi or rocminfo"  # was "none: none - x0"
+        )
     if vendor is None:
         vendor = hw.vendor
     elif hw.vendor not in (Vendor.NONE, vendor):

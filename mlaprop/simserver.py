@@ -827,7 +827,11 @@ def prepare_server_args(argv: Sequence[str], out: TextIO, started: float) -> _Co
         SystemExit: argparse usage error (exit 2).
         ValueError: SGLang's deterministic-inference errors.
     """
-    args, unknown = _parser().parse_known_args(list(argv))
+    parser = _parser()
+    args, unknown = parser.parse_known_args(list(argv))
+    typos = [u.split("=", 1)[0] for u in unknown if u.startswith("--sim-")]
+    if typos:  # permissive for SGLang's flags, never for its own: a fault that is not injected passes the run
+        parser.error(f"unknown simulator flags: {' '.join(typos)} (see python -m mlaprop.simserver --help)")
     vendor = Vendor.AMD if args.sim_platform == "rocm" else Vendor.NVIDIA
     if args.sim_arch is None:
         args.sim_arch = "gfx942" if vendor is Vendor.AMD else "sm90"
