@@ -665,6 +665,10 @@ def run_concurrent(
             except queue.Empty:
                 got = None
             if isinstance(got, str):  # the client saw the failing run pass the bound
+                client.stop()  # at once; then find out whether the server failing is a server dying
+                if is_alive is not None and _dies_within(is_alive, min(1.0, cfg.alive_poll_s)):
+                    abort = f"the server process exited with {remaining} of {total} requests unfinished"
+                    break
                 abort = (
                     f"{got}, more than the {cfg.max_error_rate:.0%} error bound allows of {total} "
                     f"(after {len(finished)} finished); stopped the rest without waiting for their retries"
@@ -704,6 +708,17 @@ def run_concurrent(
     if abort is not None:
         raise EvalAborted(abort, tuple(finished))
     return [r for r in results if r is not None]
+
+
+def _dies_within(is_alive: Callable[[], bool], seconds: float) -> bool:
+    """``is_alive()`` turns false within ``seconds`` (a dying server closes its sockets a moment before
+    its exit can be seen)."""
+    deadline = time.monotonic() + seconds
+    while is_alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --------------------------------------------------------------------------------------------- MGSM eval
