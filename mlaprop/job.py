@@ -36,7 +36,15 @@ from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import detect_environment
 from mlaprop.determinism import DeterminismResult, check_determinism
 from mlaprop.environment import Environment, InvalidEnvironment, LaunchPlan, LaunchRequest, option_value
-from mlaprop.evalclient import ClientConfig, EvalAborted, EvalResult, ItemRecord, run_mgsm
+from mlaprop.evalclient import (
+    ClientConfig,
+    EvalAborted,
+    EvalResult,
+    ItemRecord,
+    default_concurrency,
+    fetch_server_info,
+    run_mgsm,
+)
 from mlaprop.exitcodes import ExitCode
 from mlaprop.mgsm import DatasetUnavailable, InvalidDataset, MgsmDataset, Parser, resolve_dataset
 from mlaprop.options import SMOKE_SERVER_ARGS, EvalOptions, RunOptions, SmokeModel
@@ -331,6 +339,8 @@ def eval_mgsm(
     """
     opts = job.opts
     n = len(dataset) if opts.limit is None else min(len(dataset), opts.limit)
+    if opts.concurrency is None:  # one wave, as the gate sends it, within the server's own limit
+        config = replace(config, concurrency=default_concurrency(n, fetch_server_info(base_url, config)))
     job.say(
         f"MGSM-{dataset.lang}: {n} questions, concurrency {config.concurrency}, "
         f"gate {opts.gate:g} by the {Parser(opts.parser).value} parser"
@@ -351,6 +361,7 @@ def eval_mgsm(
                 is_alive=is_alive,
                 on_record=job.record,
                 limit=opts.limit,
+                notice=job.say,
             )
     except EvalAborted as exc:
         job.step("mgsm", since)

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from mlaprop.determinism import DEFAULT_BATCH_SIZES, DEFAULT_PREFIX_LENGTHS, LONG_PROMPT
 from mlaprop.environment import Environment, LaunchRequest
-from mlaprop.evalclient import ClientConfig
+from mlaprop.evalclient import GATE_CONCURRENCY, ClientConfig
 from mlaprop.exitcodes import UsageError
 from mlaprop.mgsm import LANGUAGES, Parser
 from mlaprop.stats import DEFAULT_GATE
@@ -249,7 +249,8 @@ class EvalOptions:
         parser: the extractor whose score gates (both are always reported).
         gate: the score to reach, 0..1.
         limit: only the first ``limit`` questions (``None``: all 250).
-        concurrency: requests in flight, >= 1.
+        concurrency: requests in flight, >= 1 (``None``: every question in one wave, up to
+            :data:`mlaprop.evalclient.GATE_CONCURRENCY`, capped by the server's ``max_running_requests``).
         request_timeout_s: per-request read timeout, seconds > 0.
         max_error_rate: stop once failed requests pass this share of the questions, 0..1.
         report_dir: where ``summary.json`` and ``items.jsonl`` go.
@@ -272,7 +273,7 @@ class EvalOptions:
     parser: Parser = Parser.SIMPLE_EVALS
     gate: float = DEFAULT_GATE
     limit: int | None = None
-    concurrency: int = 64
+    concurrency: int | None = None
     request_timeout_s: float = 600.0
     max_error_rate: float = 0.05
     report_dir: Path = Path("mlaprop-report")
@@ -292,7 +293,8 @@ class EvalOptions:
         object.__setattr__(self, "gate", _check("--gate", fraction, self.gate))
         if self.limit is not None:
             _check("--limit", positive_int, self.limit)
-        _check("--concurrency", positive_int, self.concurrency)
+        if self.concurrency is not None:
+            _check("--concurrency", positive_int, self.concurrency)
         _check("--request-timeout", positive_seconds, self.request_timeout_s)
         _check("--max-error-rate", fraction, self.max_error_rate)
         object.__setattr__(self, "report_dir", _check("--report-dir", report_dir, self.report_dir))
@@ -308,7 +310,7 @@ class EvalOptions:
     def client_config(self, api_key: str | None = None) -> ClientConfig:
         """The client settings these options imply (``api_key``: the plan's, used when none is set here)."""
         return ClientConfig(
-            concurrency=self.concurrency,
+            concurrency=self.concurrency or GATE_CONCURRENCY,
             request_timeout_s=self.request_timeout_s,
             max_error_rate=self.max_error_rate,
             api_key=self.api_key or api_key,

@@ -83,8 +83,9 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
     g.add_argument(
         "--concurrency",
         type=arg_type(o.positive_int),
-        default=64,
-        help="requests in flight (default: %(default)s)",
+        default=None,
+        help="requests in flight (default: every question in one wave, as SGLang's MLA FP8 test sends them, "
+        "up to 1024, capped by the server's max_running_requests)",
     )
     g.add_argument(
         "--request-timeout",
