@@ -75,6 +75,12 @@ def main() -> int:
     p.add_argument("--skip-whole-run", action="store_true")
     p.add_argument("--sglang-python", default=sys.executable, help="interpreter for SGLang's side")
     p.add_argument(
+        "--model",
+        choices=("canary", "dummy"),
+        default="canary",
+        help="served model: the trained canary (smoke mode's default) or dummy random weights",
+    )
+    p.add_argument(
         "--simulate",
         type=float,
         metavar="LATENCY",
@@ -84,9 +90,15 @@ def main() -> int:
     sim = args.simulate is not None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = out / "sim-model" if sim else write_tiny_mla(out / "tiny-mla-fp8")
+    if sim:
+        model, smoke = out / "sim-model", ()
+    elif args.model == "canary":  # what smoke mode serves: real weights, short answers, gated
+        from mlaprop.canary import ensure_canary
+
+        model, smoke = ensure_canary(args.dataset), ()
+    else:  # random dummy weights: every answer runs to max_tokens
+        model, smoke = write_tiny_mla(out / "tiny-mla-fp8"), SMOKE_ARGS
     extra = shlex.split(args.server_args) if not sim else _sim_flags(args.dataset, args.simulate or 0.0)
-    smoke = () if sim else SMOKE_ARGS
     n = str(args.limit)
     results: dict[str, Any] = {"limit": args.limit, "threads": args.threads, "server_args": extra}
 
@@ -153,7 +165,7 @@ def main() -> int:
         if sim:
             cmd += ["--simulate", "--sim-latency", repr(args.simulate), "--sglang-version", "0.5.23"]
         else:
-            cmd += ["--smoke", "--server-args", args.server_args]
+            cmd += ["--smoke", "--smoke-model", args.model, "--server-args", args.server_args]
         rc, m_wall, _ = _run(cmd, out / "b-mlaprop.log", 900)
         summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
         plan_args = [*summary["plan"]["argv"]]
@@ -180,6 +192,9 @@ def main() -> int:
         rc, s_wall, stdout = _run(cmd, out / "b-sglang.log", 900, env={**os.environ, "PATH": path})
         got = _last_json(stdout) if rc == 0 else {}
         print(f"B: SGLang test flow: rc {rc}, {s_wall:.1f} s, {got}", flush=True)
+        if rc != 0:
+            tail = (out / "b-sglang.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+            print("B: SGLang test flow log tail:\n  " + "\n  ".join(tail), flush=True)
         results["b"] = {"mlaprop_s": m_wall, "sglang_s": s_wall, "sglang": got, "ratio": m_wall / s_wall}
 
     (out / "h200_peer.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -69,5 +69,22 @@ B)
   smi | tee "$OUT/smi-B-after.csv"
   ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
   ;;
-*) echo "usage: h200_session.sh A|B" >&2; exit 2 ;;
+C)
+  # the peer comparison on the canary (both tools, same model), beside the determinism check's proof
+  # (tests/gpu/test_determinism_bites.py: the random real-scale model with and without the flag)
+  # shellcheck disable=SC1091
+  source "$D/h200/on_device.sh" "$D/bundle.tar"
+  export PYTHONPATH=$REPO:$PYTHONPATH MLAPROP_DATASET=$D/mgsm_en.tsv
+  ARGS="--grammar-backend none --skip-server-warmup --mem-fraction-static 0.12 --max-total-tokens 600000"
+  (timeout 330 "$PY" benchmarks/h200_peer.py --dataset "$D/mgsm_en.tsv" --out /tmp/peer --server-args "$ARGS" \
+      > "$OUT/peer.log" 2>&1; echo "peer exit $?" >> "$OUT/peer.log"; cp /tmp/peer/h200_peer.json "$OUT/" 2>/dev/null) &
+  PEER=$!
+  MLAPROP_EXPECT_VENDOR=nvidia MLAPROP_SMOKE=1 MLAPROP_SERVER_ARGS="$ARGS" MLAPROP_READY_TIMEOUT=300 \
+    timeout 330 "$PY" -m pytest tests/gpu -m "gpu and nvidia" -k bites -p no:cacheprovider -rA \
+    --junitxml="$OUT/junit-bites.xml" > "$OUT/bites.log" 2>&1
+  echo "bites exit $?"; tail -5 "$OUT/bites.log"
+  wait $PEER; tail -40 "$OUT/peer.log"
+  ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
+  ;;
+*) echo "usage: h200_session.sh A|B|C" >&2; exit 2 ;;
 esac

@@ -53,7 +53,9 @@ def _check(cfg: GpuConfig, plan: LaunchPlan, log: Path) -> DeterminismResult:
         return check_determinism(server.base_url, is_alive=server.alive)
 
 
-def test_determinism_check_bites(gpu_config: GpuConfig, tmp_path: Path) -> None:
+def test_determinism_check_bites(
+    gpu_config: GpuConfig, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
     """On the ``random`` smoke model the check PASSes with ``--enable-deterministic-inference`` and FAILs
     without it: the flag is what makes outputs batch-invariant, and the check sees the difference."""
     cfg = gpu_config
@@ -74,6 +76,14 @@ def test_determinism_check_bites(gpu_config: GpuConfig, tmp_path: Path) -> None:
     off = _check(cfg, without, tmp_path / "server-no-deterministic.log")
     print(f"without it (--no-deterministic): {off.reason}")
 
+    for name, result in (("with_flag", on), ("without_flag", off)):  # the evidence, in the JUnit XML
+        record_property(f"determinism_{name}", result.reason)
+        diffs = [o.max_logprob_diff for o in result.outcomes if o.max_logprob_diff is not None]
+        record_property(f"max_logprob_diff_{name}", f"{max(diffs):.4g}" if diffs else "n/a")
+        record_property(
+            f"prompts_differing_{name}",
+            f"{sum(not o.passed for o in result.outcomes)}/{len(result.outcomes)}",
+        )
     assert determinism_status(on) == "pass", f"with the flag the check must pass: {on.reason}"
     assert determinism_status(off) == "fail", (
         f"without the flag the check must find batch dependence on the random model: {off.reason}"
