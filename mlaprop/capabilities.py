@@ -79,6 +79,10 @@ SOURCES: dict[str, str] = {
         " _check_cuda_device_version (sm90 needs CUDA 12.3; sm100/sm110/sm120 need CUDA 12.8)"
     ),
     "launcher": "mlaprop.server (the launcher owns --model-path, --host and --port)",
+    "argparse": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/server_args.py prepare_server_args"
+        " (plain argparse: unique prefixes, --name=value, last repeat wins); tables in mlaprop/data/sglang_options.json"
+    ),
 }
 
 

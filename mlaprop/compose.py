@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
-from mlaprop.args import LAUNCHER_OWNED, Option, parse_args
+from mlaprop.args import LAUNCHER_OWNED, REFUSED, ServerArgs, read_server_args
 from mlaprop.capabilities import (
     NEWEST,
     SOURCES,
@@ -237,17 +237,22 @@ def _check_choices(
         )
 
 
-def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[Decision]]:
-    """Fold the user's extra arguments by name, last one wins; refuse launcher-owned options."""
-    merged: dict[str, Option] = {}
+def _read_user_args(request: LaunchRequest, version: str) -> tuple[ServerArgs, list[Decision]]:
+    """Read the user's extra arguments as SGLang ``version`` reads them (prefixes, ``=`` forms, last one
+    wins); refuse launcher-owned options and those mlaprop cannot check (``--config``, ``--help``)."""
+    user = read_server_args(request.extra_args, version)
     notes: list[Decision] = []
-    for opt in parse_args(request.extra_args):
+    for opt in user.options:
+        said = user.spelled(opt.name)
+        said = f" ({said})" if said else ""
         if opt.name in LAUNCHER_OWNED:
             raise InvalidEnvironment(
-                f"{opt.name} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
+                f"{opt.name}{said} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
                 "unique prefixes such as --por as the full option): pass the model with mlaprop's --model; the "
                 "launcher picks a free port on 127.0.0.1 itself"
             )
+        if opt.name in REFUSED:
+            raise InvalidEnvironment(f"{opt.name}{said} cannot be an extra argument: {REFUSED[opt.name]}")
         if (
             is_secret_name(opt.name)
             and opt.value is not None
@@ -257,19 +262,29 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
                 f"{opt.name} holds characters other than printable ASCII, which the HTTP Authorization header "
                 "clients send it in cannot carry: use an ASCII key"
             )
-        if opt.name in merged:
-            shown = MASK if is_secret_name(opt.name) else opt.value
+    for name in user.repeated:
+        last = user.get(name)
+        values = last.values if last is not None else ()
+        shown = MASK if is_secret_name(name) else (" ".join(values) or name)
+        notes.append(
+            Decision(
+                Action.REPLACED,
+                name,
+                f"given more than once in the extra arguments; the last ({shown}) is used, as SGLang's argparse does",
+                "user extra arguments",
+            )
+        )
+    for opt in user.options:
+        if opt.abbreviated:
             notes.append(
                 Decision(
-                    Action.REPLACED,
+                    Action.NOTED,
                     opt.name,
-                    f"given more than once in the extra arguments; the last ({shown}) is used",
-                    "user extra arguments",
+                    f"{user.spelled(opt.name)} (argparse takes unique prefixes); mlaprop writes it in full",
+                    SOURCES["argparse"],
                 )
             )
-            del merged[opt.name]  # keep the position of the last occurrence
-        merged[opt.name] = opt
-    return merged, notes
+    return user, notes
 
 
 def compose(
@@ -302,6 +317,29 @@ def compose(
             listed in the message.
     """
     request = request if request is not None else LaunchRequest()
+    try:
+        return _compose(environment, request, capabilities)
+    except (UnsupportedCombination, InvalidEnvironment) as exc:
+        note = _abbreviation_note(request, environment.sglang_version)
+        if note and note not in str(exc):
+            raise type(exc)(f"{exc} (as SGLang reads the extra arguments: {note})") from None
+        raise
+
+
+def _abbreviation_note(request: LaunchRequest, version: str) -> str:
+    try:
+        return read_server_args(request.extra_args, version).abbreviations()
+    except (InvalidEnvironment, TypeError):
+        return ""
+
+
+def _compose(
+    environment: Environment,
+    request: LaunchRequest,
+    capabilities: Capabilities | None,
+) -> LaunchPlan:
+    """The body of :func:`compose`."""
+
     rocm = _check_environment(environment)
     known = capabilities_for(environment.sglang_version)  # validates the version
     caps = capabilities if capabilities is not None else known
@@ -331,11 +369,11 @@ def compose(
         )
 
     # 1. The user's extra arguments: fold the ones mlaprop composes, keep the rest.
-    user, merge_notes = _merge_user_args(request)
+    user, merge_notes = _read_user_args(request, environment.sglang_version)
     decisions += merge_notes
     backend = request.attention_backend
-    if "--attention-backend" in user:
-        user_backend = parse_enum(AttentionBackend, user["--attention-backend"].value, "attention backend")
+    if user.attention_backend is not None:
+        user_backend = parse_enum(AttentionBackend, user.attention_backend, "attention backend")
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -347,8 +385,8 @@ def compose(
         )
         backend = user_backend
     kv = request.kv_cache_dtype
-    if "--kv-cache-dtype" in user:
-        user_kv = parse_enum(KVCacheDtype, user["--kv-cache-dtype"].value, "KV-cache dtype")
+    if user.kv_cache_dtype is not None:
+        user_kv = parse_enum(KVCacheDtype, user.kv_cache_dtype, "KV-cache dtype")
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -359,8 +397,8 @@ def compose(
         )
         kv = user_kv
     tp = request.tp_size
-    if "--tp-size" in user:
-        raw_tp = user["--tp-size"].value or ""
+    if user.tp_size is not None:
+        raw_tp = user.tp_size
         if not raw_tp.isdigit() or int(raw_tp) < 1:
             raise InvalidEnvironment(f"--tp-size must be a whole number >= 1, got {raw_tp!r}")
         decisions.append(
@@ -369,7 +407,7 @@ def compose(
             )
         )
         tp = int(raw_tp)
-    user_forces_deterministic = DETERMINISTIC_FLAG in user
+    user_forces_deterministic = user.deterministic
     # 2. Deterministic inference: on NVIDIA, never where any AMD signal is present.
     signals = amd_signals(environment)
     wanted = request.deterministic or user_forces_deterministic
@@ -398,8 +436,16 @@ def compose(
     deterministic = False
     if wanted and signals:
         if user_forces_deterministic:
+            by = user.deterministic_by or DETERMINISTIC_FLAG
+            said = user.spelled(by)
+            how = (
+                f"{said}, so it was passed as an extra argument"
+                if said
+                else f"{by} was passed as an extra argument"
+                + ("" if by == DETERMINISTIC_FLAG else f" and turns SGLang's {DETERMINISTIC_FLAG} on")
+            )
             raise UnsupportedCombination(
-                f"{DETERMINISTIC_FLAG} was passed as an extra argument, but this is an AMD/ROCm environment "
+                f"{how}, but this is an AMD/ROCm environment "
                 f"({'; '.join(signals)}): SGLang's ROCm MLA backend aiter is in no version's deterministic "
                 "allow-list, and triton on ROCm hits upstream bugs (sglang issue 23536). Remove the flag; "
                 "mlaprop leaves it out on AMD by design"
@@ -564,7 +610,7 @@ def compose(
 
     # 5. Assemble argv, each option once.
     argv: list[str] = []
-    if request.trust_remote_code or "--trust-remote-code" in user:
+    if request.trust_remote_code or user.get("--trust-remote-code") is not None:
         argv.append("--trust-remote-code")
         decisions.append(
             Decision(Action.ADDED, "--trust-remote-code", "the test model ships custom code", SOURCES["test"])
@@ -617,11 +663,11 @@ def compose(
                     SOURCES["deterministic_allowlist"],
                 )
             )
-    for name, opt in user.items():
-        if name in _FOLDED or name == "--trust-remote-code":
+    for opt in user.options:
+        if opt.name in _FOLDED or opt.name == "--trust-remote-code":
             continue
         argv += opt.tokens()
-        decisions.append(Decision(Action.ADDED, name, "user extra argument", "user extra arguments"))
+        decisions.append(Decision(Action.ADDED, opt.name, "user extra argument", "user extra arguments"))
 
     # 6. Environment variables for the server.
     env: dict[str, str] = {}
@@ -635,6 +681,15 @@ def compose(
                 "triton's metadata; 0 turns it off",
                 SOURCES["rocm_fused_decode_mla"],
             )
+        )
+    # The plan as SGLang will read it: no spelling may bring deterministic inference to an AMD signal.
+    final = read_server_args(argv, environment.sglang_version)
+    if final.deterministic != deterministic or (final.deterministic and signals):
+        raise UnsupportedCombination(
+            f"SGLang would read deterministic inference as {final.deterministic} from the plan "
+            f"{' '.join(argv)!r} (by {final.deterministic_by}), but mlaprop decided {deterministic}"
+            + (f" on an AMD/ROCm environment ({'; '.join(signals)})" if signals else "")
+            + ": remove that option from the extra arguments"
         )
     return LaunchPlan(
         argv=tuple(argv),

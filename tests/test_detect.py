@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlaprop.args import parse_args
+from mlaprop.args import read_server_args
 from mlaprop.ci import envbool, is_in_amd_ci_test_utils, read_amd_marker
 from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import HardwareProbe, apply_device_masks, detect_environment, parse_device_mask
@@ -176,30 +176,32 @@ class TestOverrides:
 
 
 class TestParseArgs:
-    """Tests for SGLang argument parsing."""
+    """Tests for SGLang argument reading (argparse semantics with the version's option table)."""
 
     def test_forms(self):
-        """``--x v``, ``--x=v``, switches, negative numbers as values, and aliases are read right."""
-        opts = parse_args(
-            ["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"]
+        """``--x v``, ``--x=v``, switches, negative numbers as values, prefixes and aliases are read as
+        argparse reads them; the last repeat wins."""
+        read = read_server_args(
+            ["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"], "0.5.23"
         )
-        assert [(o.name, o.value) for o in opts] == [
-            ("--tp-size", "2"),
-            ("--random-seed", "-1"),
-            ("--disable-cuda-graph", None),
-            ("--tp-size", "4"),
+        assert [(o.name, o.values) for o in read.options] == [
+            ("--random-seed", ("-1",)),
+            ("--disable-cuda-graph", ()),
+            ("--tp-size", ("4",)),
         ]
+        assert read.tp_size == "4" and read.repeated == ("--tp-size",)
 
     @pytest.mark.parametrize(
         ("tokens", "match"),
         [
-            (["triton"], "is not an option"),
-            (["--attention-backend"], "needs a value"),
-            (["--trust-remote-code=1"], "takes no value"),
-            (["--kv-cache-dtype="], "needs a value"),
+            (["triton"], "unrecognized arguments: triton"),
+            (["--attention-backend"], "expected one argument"),
+            (["--trust-remote-code=1"], "ignored explicit argument"),
+            (["--mod", "x"], "ambiguous option: --mod"),
+            (["--no-such-option", "1"], "unrecognized arguments"),
         ],
     )
     def test_errors_say_how_to_write_it(self, tokens, match):  # type: ignore[no-untyped-def]
-        """Malformed extra arguments raise ``InvalidEnvironment`` saying how to write them."""
+        """Extra arguments SGLang's parser refuses raise ``InvalidEnvironment`` with argparse's reason."""
         with pytest.raises(InvalidEnvironment, match=match):
-            parse_args(tokens)
+            read_server_args(tokens, "0.5.23")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mlaprop.args import SWITCHES, VALUE_OPTIONS, parse_args
+from mlaprop.args import option_table, read_server_args
 from mlaprop.capabilities import KNOWN_VERSIONS, backend_runs_on, capabilities_for, is_blackwell, is_sm100
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
@@ -118,14 +118,18 @@ class TestArgv:
         plan = _compose_or_refuse(env, req)
         if plan is None:
             return
-        options = parse_args(plan.argv)
+        options = read_server_args(plan.argv, plan.sglang_version).options
         names = [o.name for o in options]
         assert len(names) == len(set(names)), plan.argv
+        # each option written in full, once: the plan's tokens are exactly its options' tokens
+        assert tuple(t for o in options for t in o.tokens()) == plan.argv
+        table = option_table(plan.sglang_version)
         for o in options:
-            if o.name in VALUE_OPTIONS:
+            spec = table.by_string[o.name]
+            if spec.switch:
+                assert o.values == (), o
+            else:
                 assert o.value not in (None, ""), o
-            if o.name in SWITCHES:
-                assert o.value is None, o
 
     @given(
         env=S.nvidia_without_amd_signal(),
@@ -151,7 +155,7 @@ class TestArgv:
         plan = _compose_or_refuse(env, req)
         if plan is None:
             return
-        last = {o.name: o.value for o in parse_args(req.extra_args)}
+        last = {o.name: o.value for o in read_server_args(req.extra_args, env.sglang_version).options}
         for name, value in last.items():
             if name == DETERMINISTIC_FLAG:
                 continue
@@ -196,7 +200,7 @@ class TestDecisions:
         if plan is None:
             return
         added = {d.subject for d in plan.decisions if d.action is Action.ADDED}
-        for o in parse_args(plan.argv):
+        for o in read_server_args(plan.argv, plan.sglang_version).options:
             assert o.name in added, (o.name, plan.decisions)
         for var in plan.env:
             assert var in added
@@ -377,7 +381,7 @@ def sweep() -> tuple[int, int, int]:
                 continue
             plans += 1
             assert (DETERMINISTIC_FLAG in plan.argv) is (not amd), (env, req)
-            names = [o.name for o in parse_args(plan.argv)]
+            names = [o.name for o in read_server_args(plan.argv, plan.sglang_version).options]
             assert len(names) == len(set(names))
             assert backend_runs_on(plan.attention_backend, hw, arch)
             if plan.deterministic:
