@@ -313,7 +313,8 @@ def read_server_args(argv: Sequence[str], version: str) -> ServerArgs:
         _parser(table.version).parse_args(list(argv), namespace=ns)
     except _ArgvError as exc:
         raise InvalidEnvironment(
-            f"SGLang {table.version}'s parser refuses these server arguments ({exc}); SGLang options are written "
+            f"SGLang {table.version}'s parser refuses these server arguments ({_masked(str(exc), argv, table)}); "
+            "SGLang options are written "
             "--name value or --name=value (e.g. --attention-backend triton)"
         ) from None
     seen: list[tuple[str, tuple[str, ...], str]] = getattr(ns, "_seen", [])
@@ -365,6 +366,24 @@ def read_server_args(argv: Sequence[str], version: str) -> ServerArgs:
         repeated=tuple(repeated),
         _by_name=MappingProxyType(by_name),
     )
+
+
+def _masked(message: str, argv: Sequence[str], table: OptionTable) -> str:
+    """``message`` with the value of every secret option in ``argv`` (``--api-key``, ``--hf-token``, their
+    prefixes and ``=`` forms; :func:`mlaprop.redact.is_secret_name`) replaced by ``***``."""
+    from mlaprop.redact import MASK, is_secret_name
+
+    secrets: list[str] = []
+    for i, tok in enumerate(argv):
+        head, eq, tail = tok.partition("=")
+        spec = table.resolve(tok)
+        if is_secret_name(head) or (spec is not None and is_secret_name(spec.name)):
+            value = tail if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value:
+                secrets.append(value)
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, MASK)
+    return message
 
 
 def _written_tokens(argv: Sequence[str], table: OptionTable) -> list[str]:

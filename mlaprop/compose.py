@@ -438,12 +438,9 @@ def _compose(
         if user_forces_deterministic:
             by = user.deterministic_by or DETERMINISTIC_FLAG
             said = user.spelled(by)
-            how = (
-                f"{said}, so it was passed as an extra argument"
-                if said
-                else f"{by} was passed as an extra argument"
-                + ("" if by == DETERMINISTIC_FLAG else f" and turns SGLang's {DETERMINISTIC_FLAG} on")
-            )
+            how = (f"{said}, so {by}" if said else by) + " was passed as an extra argument"
+            if by != DETERMINISTIC_FLAG:
+                how += f" and turns SGLang's {DETERMINISTIC_FLAG} on (_handle_deterministic_inference)"
             raise UnsupportedCombination(
                 f"{how}, but this is an AMD/ROCm environment "
                 f"({'; '.join(signals)}): SGLang's ROCm MLA backend aiter is in no version's deterministic "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mlaprop.capabilities import capabilities_for
@@ -12,6 +14,7 @@ from mlaprop.environment import (
     AttentionBackend,
     CIMarkers,
     Environment,
+    InvalidEnvironment,
     KVCacheDtype,
     LaunchRequest,
     Vendor,
@@ -347,3 +350,125 @@ def test_prerelease_versions_say_which_rules_apply(version):  # type: ignore[no-
     """A pre-release, development or local SGLang build composes with its release's rules and says so."""
     plan = compose(Environment(sglang_version=version))
     assert any("the rules of 0.5.11 are used" in d.reason for d in plan.decisions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spellings SGLang's argparse accepts (issue 9): every check applies to what SGLang will read
+# ---------------------------------------------------------------------------------------------------------
+
+_AMD = Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, cuda_version=None, gpu_count=8)
+_H200 = Environment(vendor=Vendor.NVIDIA, arch="sm90", gpu_count=1, cuda_version="12.8")
+
+
+@pytest.mark.parametrize("version", ["0.5.4", "0.5.11", "0.5.23"])
+@pytest.mark.parametrize(
+    ("env", "extra", "error", "match"),
+    [
+        (
+            _AMD,
+            ("--enable-det",),
+            UnsupportedCombination,
+            r"`--enable-det` is SGLang's `--enable-deterministic-inference`.*AMD/ROCm",
+        ),
+        (
+            _AMD,
+            ("--enable-deterministic-inf", "--log-level", "info"),
+            UnsupportedCombination,
+            r"`--enable-deterministic-inf` is SGLang's `--enable-deterministic-inference`",
+        ),
+        (
+            _H200,
+            ("--attention-back", "aiter"),
+            UnsupportedCombination,
+            r"aiter.*`--attention-back` is SGLang's `--attention-backend`",
+        ),
+        (
+            _H200,
+            ("--attention-backend=aiter",),
+            UnsupportedCombination,
+            r"attention backend aiter",
+        ),
+        (
+            _H200,
+            ("--tp-s", "8"),
+            UnsupportedCombination,
+            r"size 8 needs 8 GPUs.*`--tp-s` is SGLang's `--tp-size`",
+        ),
+        (_H200, ("--tp-size=8",), UnsupportedCombination, r"size 8 needs 8 GPUs"),
+        (
+            _H200,
+            ("--kv-cache", "mxfp8"),
+            UnsupportedCombination,
+            r"mxfp8 needs an NVIDIA Blackwell.*`--kv-cache` is SGLang's `--kv-cache-dtype`",
+        ),
+        (_H200, ("--por", "1"), InvalidEnvironment, r"`--por` is SGLang's `--port`.*launcher"),
+        (_H200, ("--model-pa", "x"), InvalidEnvironment, r"`--model-pa` is SGLang's `--model-path`"),
+        (_H200, ("--hos=0.0.0.0",), InvalidEnvironment, r"`--hos` is SGLang's `--host`"),
+        (_H200, ("--conf", "x.yaml"), InvalidEnvironment, r"--config.*further options from that file"),
+    ],
+    ids=[
+        "amd-enable-det",
+        "amd-enable-deterministic-inf",
+        "attention-back-aiter",
+        "attention-backend=aiter",
+        "tp-s-8",
+        "tp-size=8",
+        "kv-cache-mxfp8",
+        "por",
+        "model-pa",
+        "hos=",
+        "conf",
+    ],
+)
+def test_sglang_spelling_cannot_bypass_a_rule(env, extra, error, match, version):  # type: ignore[no-untyped-def]
+    """Each spelling SGLang's argparse reads as a refused option (prefix, ``=`` form) is refused, and the
+    message names what SGLang would have read."""
+    if "mxfp8" in extra and version != "0.5.23":
+        pytest.skip("mxfp8 exists from 0.5.16")
+    with pytest.raises(error, match=match):
+        compose(replace(env, sglang_version=version), LaunchRequest(extra_args=extra))
+
+
+def test_kv_cache_prefix_is_folded_not_duplicated():
+    """``--kv-cache fp8_e4m3`` replaces the requested KV dtype (it is SGLang's ``--kv-cache-dtype``): one
+    ``--kv-cache-dtype`` in the plan, written in full, and SGLang's reading of the plan agrees."""
+    plan = compose(_H200, LaunchRequest(extra_args=("--kv-cache", "fp8_e4m3")))
+    assert plan.argv.count("--kv-cache-dtype") == 1 and "--kv-cache" not in plan.argv
+    assert plan.server_args.kv_cache_dtype == "fp8_e4m3"
+    assert plan.attention_backend is B.FA3
+
+
+def test_rl_on_policy_target_implies_deterministic_and_is_refused_on_amd():
+    """``--rl-on-policy-target`` turns deterministic inference on in SGLang 0.5.5+
+    (``_handle_deterministic_inference``): refused on AMD, prefix included; 0.5.4 has no such option."""
+    for extra in (("--rl-on-policy-target", "fsdp"), ("--rl-on", "fsdp")):
+        with pytest.raises(UnsupportedCombination, match=r"--rl-on-policy-target.*turns SGLang's"):
+            compose(_AMD, LaunchRequest(extra_args=extra))
+    with pytest.raises(InvalidEnvironment, match=r"SGLang 0.5.4's parser.*unrecognized arguments: --rl-on"):
+        compose(replace(_AMD, sglang_version="0.5.4"), LaunchRequest(extra_args=("--rl-on", "fsdp")))
+
+
+@pytest.mark.parametrize("version", ["0.5.4", "0.5.11", "0.5.23"])
+def test_plan_server_args_reads_the_plan_as_sglang(version):
+    """``LaunchPlan.server_args`` is SGLang's reading of the plan: backend, KV dtype, tp, deterministic, the
+    model from the launcher's ``--model-path``."""
+    env = replace(_H200, gpu_count=2, sglang_version=version)
+    plan = compose(env, LaunchRequest(tp_size=2, extra_args=("--api-key=k1", "--load-format", "dummy")))
+    read = plan.server_args
+    assert (read.kv_cache_dtype, read.tp_size, read.deterministic) == ("fp8_e5m2", "2", True)
+    assert (read.api_key, read.load_format, read.model_path) == ("k1", "dummy", plan.model)
+    assert read.host is None and read.port is None
+
+
+def test_unknown_option_is_refused_as_sglang_would():
+    """An option SGLang's parser does not know exits 2 there; mlaprop refuses it up front, naming it."""
+    with pytest.raises(InvalidEnvironment, match=r"unrecognized arguments: --no-such-flag"):
+        compose(_H200, LaunchRequest(extra_args=("--no-such-flag",)))
+
+
+def test_refused_argument_error_masks_secret_values():
+    """argparse's complaint echoes the tokens it refuses; a secret option's value never shows in it."""
+    with pytest.raises(InvalidEnvironment) as info:
+        compose(_H200, LaunchRequest(extra_args=("--hf-token", "sekrit123", "--api-key=othersecret456")))
+    assert "unrecognized arguments" in str(info.value)
+    assert "sekrit123" not in str(info.value) and "othersecret456" not in str(info.value)
