@@ -86,6 +86,7 @@ def amd_signals(environment: Environment) -> tuple[str, ...]:
         out.append(f"ROCm hardware ({environment.arch or 'unknown arch'})")
     if environment.torch_hip:
         out.append("torch.version.hip is set (SGLang's is_hip)")
+    out += [f"{signal} (probed on this machine)" for signal in environment.amd_evidence]
     marker = read_amd_marker(environment.ci)
     if marker.is_amd_signal:
         out.append(

@@ -148,6 +148,8 @@ class Environment:
         ci: raw CI markers.
         sglang_version: the SGLang version the server will run, as ``"0.5.11"``.
         notes: facts detection found worth reporting (conflicting signals, masks); copied into plan decisions.
+        amd_evidence: AMD signals the machine itself gave (``rocminfo``, ``/dev/kfd``, a HIP torch), probed
+            for commands that run on the machine; each one keeps the deterministic flag out.
     """
 
     vendor: Vendor = Vendor.NVIDIA
@@ -158,8 +160,11 @@ class Environment:
     ci: CIMarkers = field(default_factory=CIMarkers)
     sglang_version: str = "0.5.23"
     notes: tuple[str, ...] = ()
+    amd_evidence: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.amd_evidence, tuple):
+            object.__setattr__(self, "amd_evidence", tuple(self.amd_evidence))
         if not isinstance(self.vendor, Vendor):
             object.__setattr__(self, "vendor", parse_enum(Vendor, self.vendor, "GPU vendor"))
         if isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0:
