@@ -23,13 +23,13 @@ __all__ = [
     "AmdEvidence",
     "HardwareConflict",
     "HardwareProbe",
-    "check_override",
-    "probe_amd_evidence",
-    "simulation_platform",
     "apply_device_masks",
+    "check_override",
     "detect_environment",
     "parse_device_mask",
+    "probe_amd_evidence",
     "probe_hardware",
+    "simulation_platform",
 ]
 
 #: Probe commands get this long before they count as absent (seconds).
