@@ -46,6 +46,7 @@ from mlaprop.redact import MASK, is_secret_name
 __all__ = [
     "DETERMINISTIC_FLAG",
     "FP4_KV_CACHE_DTYPES",
+    "SGLangRefusal",
     "UnsupportedCombination",
     "amd_signals",
     "compose",
@@ -66,12 +67,29 @@ class UnsupportedCombination(ValueError):
     accept it and fail at run time). The message names what was asked, why it cannot work, and what to do."""
 
 
+class SGLangRefusal(UnsupportedCombination):
+    """SGLang's own argument pipeline raises ``ValueError`` for the request; :attr:`sglang_message` is SGLang's
+    exact message (what the simulated server prints)."""
+
+    def __init__(self, message: str, sglang_message: str) -> None:
+        super().__init__(message)
+        self.sglang_message = sglang_message
+
+
 def deterministic_error(allowlist: list[str], backend: str) -> str:
     """SGLang's own message when deterministic inference meets a backend outside its allow-list
     (``srt/server_args.py`` ``_handle_deterministic_inference``)."""
     return (
         f"Currently only {allowlist} attention backends are supported for deterministic inference, "
         f"but you explicitly specified '{backend}'."
+    )
+
+
+def deterministic_error_printed(capabilities: Capabilities, backend: str) -> str:
+    """:func:`deterministic_error` with the allow-list printed as SGLang ``capabilities.version`` prints it."""
+    return (
+        f"Currently only {capabilities.printed(capabilities.deterministic_backends)} attention backends are "
+        f"supported for deterministic inference, but you explicitly specified '{backend}'."
     )
 
 
@@ -113,6 +131,7 @@ def resolve_backend(
     tp_size: int,
     kv_heads: int,
     deepseek_family: bool,
+    check_radix: bool = False,
 ) -> tuple[AttentionBackend, tuple[Decision, ...]]:
     """Predict the attention backend SGLang resolves for an MLA model, step by step, as SGLang does.
 
@@ -126,9 +145,13 @@ def resolve_backend(
     Returns:
         the resolved backend and the :class:`Decision` (``PREDICTED``/``NOTED``) for each step.
 
+    ``check_radix``: also raise SGLang's DeepSeek radix-list ``ValueError`` (0.5.5+) instead of leaving it to
+    the caller (the simulated server resolves with it on; ``compose`` checks and avoids it itself).
+
     Raises:
-        UnsupportedCombination: SGLang would raise its deterministic ``ValueError`` (the backend, explicit or
-            defaulted, is outside ``capabilities.deterministic_backends``); the message is SGLang's.
+        SGLangRefusal: SGLang would raise its deterministic ``ValueError`` (the backend, explicit or
+            defaulted, is outside ``capabilities.deterministic_backends``, or with ``check_radix`` outside the
+            radix list for a DeepSeek-family model); ``sglang_message`` is SGLang's.
     """
     steps: list[Decision] = []
     allow = capabilities.deterministic_allowlist()
@@ -139,7 +162,8 @@ def resolve_backend(
         )
     elif deterministic and capabilities.deterministic_resolves_first:
         if not rocm and (is_sm100(arch, cuda_version) or is_sm120(arch, cuda_version)):
-            backend = _B.TRITON if deepseek_family else _B.FLASHINFER
+            triton = deepseek_family and capabilities.deterministic_deepseek_triton
+            backend = _B.TRITON if triton else _B.FLASHINFER
         else:
             backend = _B.FA3
         steps.append(
@@ -167,9 +191,33 @@ def resolve_backend(
                 backend, why = _B.TRITON, f"{arch} defaults to triton for MLA"
         steps.append(Decision(Action.PREDICTED, "--attention-backend", why, SOURCES["default_backend"]))
     if deterministic and backend not in capabilities.deterministic_backends:
-        raise UnsupportedCombination(
+        said = deterministic_error_printed(capabilities, backend.value)
+        raise SGLangRefusal(
             deterministic_error(allow, backend.value)
-            + f" (SGLang {capabilities.version}; deterministic allow-list: {', '.join(allow)})"
+            + f" (SGLang {capabilities.version}; deterministic allow-list: {', '.join(allow)})",
+            said,
+        )
+    if (
+        check_radix
+        and deterministic
+        and deepseek_family
+        and capabilities.deepseek_needs_radix_backend
+        and backend not in capabilities.radix_backends
+    ):
+        said = (
+            f"Currently only {capabilities.printed(capabilities.radix_backends)} attention backends are supported "
+            f"for deterministic inference with DeepSeek models. But you're using {backend}."
+        )
+        raise SGLangRefusal(said + f" (SGLang {capabilities.version})", said)
+    if capabilities.alias_of(backend) is not backend:
+        backend = capabilities.alias_of(backend)
+        steps.append(
+            Decision(
+                Action.PREDICTED,
+                "--attention-backend",
+                f"SGLang {capabilities.version} renames the deprecated {explicit} to {backend}",
+                SOURCES["tokenspeed_mla"],
+            )
         )
     if backend is _B.FA3 and kv_cache_dtype is KVCacheDtype.FP8_E5M2:
         backend = _B.TRITON
@@ -435,6 +483,14 @@ def _compose(
             )
         )
     deterministic = False
+    dcar = user.get("--disable-custom-all-reduce") is not None
+    if caps.rocm_rccl_check and rocm and user_forces_deterministic and tp > 2 and dcar:
+        raise UnsupportedCombination(
+            f"SGLang {caps.version} refuses deterministic inference on ROCm with --tp-size {tp} and "
+            '--disable-custom-all-reduce: "the all-reduce would run through RCCL, which is not batch-invariant" '
+            f"({SOURCES['rocm_rccl']}); mlaprop leaves deterministic inference out on AMD anyway: remove "
+            f"{user.deterministic_by}"
+        )
     if wanted and signals:
         if user_forces_deterministic:
             by = user.deterministic_by or DETERMINISTIC_FLAG
@@ -503,6 +559,7 @@ def _compose(
         backend is not None
         and deterministic
         and request.deepseek_family
+        and caps.deepseek_needs_radix_backend
         and backend not in caps.radix_backends
     ):
         radix = sorted(b.value for b in caps.radix_backends)
@@ -513,11 +570,11 @@ def _compose(
         )
     # SGLang replaces fa3 + fp8_e5m2 by triton before anything runs, so judge the backend that will run.
     runs = _B.TRITON if backend is _B.FA3 and kv is KVCacheDtype.FP8_E5M2 else backend
-    if runs is not None and not backend_runs_on(runs, hw_vendor, environment.arch):
+    if runs is not None and not backend_runs_on(runs, hw_vendor, environment.arch, caps.version):
         runnable = [
             b.value
             for b in sorted(caps.attention_backends, key=lambda b: b.value)
-            if backend_runs_on(b, hw_vendor, environment.arch)
+            if backend_runs_on(b, hw_vendor, environment.arch, caps.version)
         ]
         raise UnsupportedCombination(
             f"attention backend {backend} has no kernels for {hw_vendor} {environment.arch}"
@@ -543,17 +600,38 @@ def _compose(
             f"CUDA >= 12.8; this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to "
             "start. Use triton"
         )
-    if backend is _B.CUTEDSL_MLA and not is_sm100(environment.arch, environment.cuda_version):
+    if (
+        backend is _B.TOKENSPEED_MLA
+        and caps.alias_of(backend) is backend
+        and not is_blackwell(environment.arch, environment.cuda_version)
+    ):
         raise UnsupportedCombination(
-            f"attention backend cutedsl_mla needs SM100 with CUDA >= 12.8; this is {environment.arch} with CUDA "
+            f"attention backend tokenspeed_mla needs a Blackwell GPU (SM100/SM12x) with CUDA >= 12.8 on SGLang "
+            f"{caps.version}; this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to "
+            "start. Use triton"
+        )
+    if (
+        backend is not None
+        and caps.alias_of(backend) is _B.CUTEDSL_MLA
+        and not is_sm100(environment.arch, environment.cuda_version)
+    ):
+        raise UnsupportedCombination(
+            f"attention backend {backend} (cutedsl_mla on SGLang {caps.version}) needs SM100 with CUDA >= 12.8; this is {environment.arch} with CUDA "
             f"{environment.cuda_version}: SGLang refuses to start. Use triton"
         )
     allowed_kv = caps.kv_allowed_with(backend) if backend is not None else None
-    if allowed_kv is not None and kv not in allowed_kv:
+    if backend is not None and allowed_kv is not None and kv not in allowed_kv:
         choices = sorted(k.value for k in allowed_kv & caps.kv_cache_dtypes)
+        renamed = caps.alias_of(backend)
         raise UnsupportedCombination(
             f"attention backend {backend} accepts only {', '.join(choices)} KV cache on SGLang {caps.version}, "
             f"not {kv}; use --kv-cache-dtype fp8_e4m3 or another backend"
+            + (
+                f" (SGLang {caps.version} would run it as {renamed} and silently switch the KV cache to "
+                "fp8_e4m3, so the test would not test the KV dtype it asked for)"
+                if renamed is not backend
+                else ""
+            )
         )
 
     # 4. Predict SGLang's resolution; set the backend only where SGLang's own choice cannot run.
@@ -575,8 +653,9 @@ def _compose(
         backend is None
         and deterministic
         and request.deepseek_family
+        and caps.deepseek_needs_radix_backend
         and predicted not in caps.radix_backends
-        and backend_runs_on(predicted, hw_vendor, environment.arch)
+        and backend_runs_on(predicted, hw_vendor, environment.arch, caps.version)
     ):
         radix = sorted(b.value for b in caps.radix_backends)
         decisions.append(
@@ -590,7 +669,7 @@ def _compose(
             )
         )
         backend_flag = predicted = _B.TRITON
-    elif backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch):
+    elif backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch, caps.version):
         decisions.append(
             Decision(
                 Action.ADDED,
@@ -669,14 +748,36 @@ def _compose(
 
     # 6. Environment variables for the server.
     env: dict[str, str] = {}
-    if rocm and predicted is _B.TRITON and caps.rocm_fused_decode_mla_any_backend:
+    users = environment.rocm_fused_decode_mla
+    if rocm and predicted is not _B.AITER and caps.rocm_fused_decode_mla_any_backend:
         env["SGLANG_ROCM_FUSED_DECODE_MLA"] = "0"
         decisions.append(
             Decision(
                 Action.ADDED,
                 "SGLANG_ROCM_FUSED_DECODE_MLA",
-                f"SGLang {caps.version} applies the fused ROCm MLA decode path to every backend, which breaks "
-                "triton's metadata; 0 turns it off",
+                f"SGLang {caps.version} (0.5.4 to 0.5.15.post1) takes the fused ROCm MLA decode path on every "
+                f"backend when this is true, which breaks {predicted}'s metadata; 0 turns it off (from 0.5.16 it "
+                "applies to aiter only)",
+                SOURCES["rocm_fused_decode_mla"],
+            )
+        )
+        if users is not None and users != "0":
+            decisions.append(
+                Decision(
+                    Action.REPLACED,
+                    "SGLANG_ROCM_FUSED_DECODE_MLA",
+                    f"you set SGLANG_ROCM_FUSED_DECODE_MLA={users!r}; mlaprop sets 0 for the server, because "
+                    f"SGLang {caps.version} would take the fused aiter decode path on {predicted}",
+                    SOURCES["rocm_fused_decode_mla"],
+                )
+            )
+    elif rocm and users is not None and predicted is not _B.AITER:
+        decisions.append(
+            Decision(
+                Action.NOTED,
+                "SGLANG_ROCM_FUSED_DECODE_MLA",
+                f"your SGLANG_ROCM_FUSED_DECODE_MLA={users!r} is left as is: from 0.5.16 SGLang applies it to aiter "
+                f"only, and this plan runs {predicted}",
                 SOURCES["rocm_fused_decode_mla"],
             )
         )

@@ -431,6 +431,7 @@ def detect_environment(
         gpu_count=count,
         torch_hip=hw.torch_hip or bool(evidence.torch_hip),
         amd_evidence=evidence.signals() if evidence.hardware() else (),
+        rocm_fused_decode_mla=env.get("SGLANG_ROCM_FUSED_DECODE_MLA"),
         cuda_version=hw.cuda_version if hw.cuda_version else None,
         ci=CIMarkers(env.get("SGLANG_IS_IN_CI"), env.get("SGLANG_IS_IN_CI_AMD")),
         sglang_version=version,

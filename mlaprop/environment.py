@@ -73,6 +73,7 @@ class AttentionBackend(_Choice):
     INTEL_XPU = "intel_xpu"
     TORCH_NATIVE = "torch_native"
     TRITON = "triton"
+    TOKENSPEED_MLA = "tokenspeed_mla"
     TRTLLM_MLA = "trtllm_mla"
     WAVE = "wave"
 
@@ -150,6 +151,8 @@ class Environment:
         notes: facts detection found worth reporting (conflicting signals, masks); copied into plan decisions.
         amd_evidence: AMD signals the machine itself gave (``rocminfo``, ``/dev/kfd``, a HIP torch), probed
             for commands that run on the machine; each one keeps the deterministic flag out.
+        rocm_fused_decode_mla: the user's own ``SGLANG_ROCM_FUSED_DECODE_MLA`` (``None`` when unset); a plan
+            that overrides it says so.
     """
 
     vendor: Vendor = Vendor.NVIDIA
@@ -161,6 +164,7 @@ class Environment:
     sglang_version: str = "0.5.23"
     notes: tuple[str, ...] = ()
     amd_evidence: tuple[str, ...] = ()
+    rocm_fused_decode_mla: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.amd_evidence, tuple):

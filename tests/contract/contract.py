@@ -111,7 +111,7 @@ def _runs(backend: str, environment: Environment) -> bool:
         member = AttentionBackend(backend)
     except ValueError:  # a backend mlaprop does not model (cutedsl_mla, flex_attention, ...)
         return True
-    return backend_runs_on(member, _hardware(environment), environment.arch)
+    return backend_runs_on(member, _hardware(environment), environment.arch, environment.sglang_version)
 
 
 def check(

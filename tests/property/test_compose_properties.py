@@ -225,7 +225,7 @@ class TestPrediction:
         if plan.deterministic:
             assert plan.attention_backend in caps.deterministic_backends
         hw = Vendor.AMD if (env.vendor is Vendor.AMD or env.torch_hip) else Vendor.NVIDIA
-        assert backend_runs_on(plan.attention_backend, hw, env.arch)
+        assert backend_runs_on(plan.attention_backend, hw, env.arch, plan.sglang_version)
 
 
 class TestNoGpu:
@@ -335,7 +335,15 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
     allowed_kv = caps.kv_allowed_with(backend)
     guarded = (
         (backend is AttentionBackend.TRTLLM_MLA and not is_blackwell(env.arch, env.cuda_version))
-        or (backend is AttentionBackend.CUTEDSL_MLA and not is_sm100(env.arch, env.cuda_version))
+        or (
+            caps.alias_of(backend) is AttentionBackend.CUTEDSL_MLA
+            and not is_sm100(env.arch, env.cuda_version)
+        )
+        or (
+            backend is AttentionBackend.TOKENSPEED_MLA
+            and caps.alias_of(backend) is backend
+            and not is_blackwell(env.arch, env.cuda_version)
+        )
         or (
             backend is AttentionBackend.FA4
             and deterministic
@@ -345,9 +353,14 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
     return (
         guarded
         or backend not in caps.attention_backends
-        or not backend_runs_on(runs, hw, env.arch)
+        or not backend_runs_on(runs, hw, env.arch, caps.version)
         or (deterministic and backend not in caps.deterministic_backends)
-        or (deterministic and req.deepseek_family and backend not in caps.radix_backends)
+        or (
+            deterministic
+            and req.deepseek_family
+            and caps.deepseek_needs_radix_backend
+            and backend not in caps.radix_backends
+        )
         or (allowed_kv is not None and kv not in allowed_kv)
     )
 
@@ -383,7 +396,7 @@ def sweep() -> tuple[int, int, int]:
             assert (DETERMINISTIC_FLAG in plan.argv) is (not amd), (env, req)
             names = [o.name for o in read_server_args(plan.argv, plan.sglang_version).options]
             assert len(names) == len(set(names))
-            assert backend_runs_on(plan.attention_backend, hw, arch)
+            assert backend_runs_on(plan.attention_backend, hw, arch, version)
             if plan.deterministic:
                 assert plan.attention_backend in caps.deterministic_backends
     return points, plans, refusals
