@@ -69,6 +69,11 @@ SOURCES: dict[str, str] = {
         "sglang 0.5.23 srt/arg_groups/overrides.py _deterministic_rocm_rccl_check (deterministic inference on ROCm"
         " with tp > 2 refuses --disable-custom-all-reduce)"
     ),
+    "fa4_prefill": "sglang 0.5.4-0.5.7 srt/server_args.py (FA4 backend is only supported for prefill)",
+    "trtllm_mla_arch": (
+        "srt/server_args.py _handle_attention_backend_compatibility: trtllm_mla needs is_sm100_supported in"
+        " 0.5.4, is_blackwell_supported (SM100/SM12x) from 0.5.5 (arg_groups/attention_hook.py from 0.5.20)"
+    ),
     "fa4_arch": (
         "srt/layers/attention/flashattention_backend.py (fa_impl_ver 4: flash_attn.cute for sm90/sm100/sm110;"
         " an sm120 kernel from 0.5.18)"
@@ -137,6 +142,10 @@ class Capabilities:
             ``cutedsl_mla``).
         rocm_rccl_check: deterministic inference on ROCm with tp > 2 refuses ``--disable-custom-all-reduce``
             (0.5.23).
+        fa4_prefill_only: ``--attention-backend fa4`` raises "FA4 backend is only supported for prefill"
+            (0.5.4-0.5.7, ``srt/server_args.py``).
+        trtllm_mla_sm100_only: ``trtllm_mla`` needs SM100 (``is_sm100_supported``; 0.5.4), Blackwell
+            (``is_blackwell_supported``: SM100/SM110/SM12x) from 0.5.5.
     """
 
     version: str
@@ -151,6 +160,8 @@ class Capabilities:
     deterministic_deepseek_triton: bool = True
     backend_aliases: tuple[tuple[AttentionBackend, AttentionBackend], ...] = ()
     rocm_rccl_check: bool = False
+    fa4_prefill_only: bool = False
+    trtllm_mla_sm100_only: bool = False
 
     def alias_of(self, backend: AttentionBackend) -> AttentionBackend:
         """The backend SGLang runs for ``backend`` in this version (an alias resolved; else itself)."""
@@ -225,6 +236,8 @@ def _rules(version: str) -> Capabilities:
         deterministic_deepseek_triton=not v054,
         backend_aliases=((_B.TOKENSPEED_MLA, _B.CUTEDSL_MLA),) if v >= Version("0.5.23") else (),
         rocm_rccl_check=v >= Version("0.5.23"),
+        fa4_prefill_only=v < Version("0.5.8"),
+        trtllm_mla_sm100_only=v054,
     )
 
 

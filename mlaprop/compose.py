@@ -581,6 +581,21 @@ def _compose(
             + f"; backends that run there: {', '.join(runnable)}"
         )
     # SGLang's own guards, which also check the CUDA version (srt/utils/common.py).
+    if backend is _B.FA4 and caps.fa4_prefill_only:
+        raise UnsupportedCombination(
+            f'SGLang {caps.version} refuses --attention-backend fa4: "FA4 backend is only supported for prefill" '
+            f"({SOURCES['fa4_prefill']}). Use fa3 or triton, or SGLang 0.5.8+"
+        )
+    if (
+        backend is _B.TRTLLM_MLA
+        and caps.trtllm_mla_sm100_only
+        and not is_sm100(environment.arch, environment.cuda_version)
+    ):
+        raise UnsupportedCombination(
+            f"attention backend trtllm_mla needs SM100 with CUDA >= 12.8 on SGLang {caps.version} (SM12x from "
+            f"0.5.5); this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to start "
+            f"({SOURCES['trtllm_mla_arch']}). Use triton"
+        )
     if backend is _B.TRTLLM_MLA and not is_blackwell(environment.arch, environment.cuda_version):
         raise UnsupportedCombination(
             f"attention backend trtllm_mla needs a Blackwell GPU (SM100/SM110/SM120) with CUDA >= 12.8; this is "

@@ -12,7 +12,8 @@ real resolution, with the platform facts of an mlaprop :class:`~mlaprop.environm
 
 Stand-ins (the only things not real):
 
-- ``torchvision``: the PyPI wheel needs a CUDA torch. An import stand-in answers SGLang's module-level
+- ``torchvision``: the PyPI wheel needs a CUDA torch; ``sgl_kernel`` (CUDA kernels, imported by 0.5.8-0.5.10
+  while loading the FP8 quantization config) likewise. An import stand-in answers SGLang's module-level
   ``import torchvision...`` lines; it is installed only after transformers has cached "torchvision not
   available", so transformers never takes a torchvision code path.
 - ``transformers.AutoImageProcessor`` on transformers builds that gate it on torchvision (5.6, used by SGLang
@@ -44,6 +45,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from packaging.version import Version
 
 from mlaprop.capabilities import parse_arch
 from mlaprop.environment import Environment, Vendor
@@ -230,10 +233,16 @@ class _Stub(metaclass=_StubMeta):
 
 
 class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Stand-in modules for ``names`` (``torchvision``; ``sgl_kernel``, the CUDA kernel wheel that SGLang
+    0.5.8-0.5.10 import while loading an FP8 model's quantization config)."""
+
+    def __init__(self, names: tuple[str, ...] = ("torchvision",)) -> None:
+        self.names = names
+
     def find_spec(
         self, fullname: str, path: Any = None, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
+        if fullname.split(".")[0] in self.names:
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -270,6 +279,8 @@ def _install_stand_ins() -> None:
         if import_utils.is_torchvision_available():  # pragma: no cover - the finder is not installed yet
             raise SimulationGap("transformers reports torchvision available although it is not installed")
         sys.meta_path.insert(0, _TorchvisionStandIn())
+    if importlib.util.find_spec("sgl_kernel") is None:
+        sys.meta_path.insert(0, _TorchvisionStandIn(("sgl_kernel",)))
     import sglang  # noqa: F401  (applies SGLang's transformers patches, which may rebuild the module)
 
     transformers = importlib.import_module("transformers")
@@ -355,6 +366,9 @@ class SGLang:
                 )
         else:
             self._legacy_probes = self._discover_legacy_probes()
+        #: 0.5.4 fills the MLA default and switches fa3 + fp8_e5m2 to triton at start-up (model_runner), not
+        #: in server_args: that step is applied after SGLang's argument pipeline (:func:`_model_runner_0_5_4`).
+        self.runtime_default = Version(self.version) < Version("0.5.5")
         self._cache: dict[tuple[Any, ...], Outcome] = {}
         self._parser: argparse.ArgumentParser | None = None
         #: hand ``prepare_server_args`` the prebuilt parser (set False to build one per call, as SGLang does)
@@ -393,8 +407,11 @@ class SGLang:
         return frozenset(self.server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES)
 
     def radix_list(self) -> frozenset[str]:
-        """``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND`` as this SGLang has it."""
-        return frozenset(self.server_args.RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND)
+        """``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND`` as this SGLang has it (0.5.4 has no such list:
+        ``_handle_deterministic_inference`` keeps the radix cache for ``fa3`` and ``triton`` literally)."""
+        return frozenset(
+            getattr(self.server_args, "RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND", ("fa3", "triton"))
+        )
 
     def rocm_fused_decode_gated_to_aiter(self) -> bool:
         """Whether ``SGLANG_ROCM_FUSED_DECODE_MLA`` takes the fused decode path only on ``aiter``.
@@ -521,7 +538,12 @@ class SGLang:
                     "tp_size",
                 )
             }
-            return Outcome(backend=read("attention_backend"), values=values)
+            backend = read("attention_backend")
+            if self.runtime_default:
+                backend = _model_runner_0_5_4(
+                    backend, read("kv_cache_dtype"), int(read("tp_size") or 1), facts
+                )
+            return Outcome(backend=backend, values=values)
 
     @contextlib.contextmanager
     def _legacy_platform(self, facts: Mapping[str, Any]) -> Iterator[None]:
@@ -534,6 +556,23 @@ class SGLang:
         finally:
             for name, original in saved.items():
                 setattr(self.server_args, name, original)
+
+
+def _model_runner_0_5_4(backend: str | None, kv: str, tp: int, facts: Mapping[str, Any]) -> str | None:
+    """SGLang 0.5.4's ``ModelRunner.model_specific_adjustment`` for an MLA model with 16 KV heads
+    (``srt/model_executor/model_runner.py``): the default backend, then fa3 + fp8_e5m2 -> triton."""
+    if backend is None:
+        if facts["is_hopper_with_cuda_12_3"]:
+            backend = "fa3"
+        elif facts["is_sm100"]:
+            backend = "flashinfer"
+        elif facts["is_hip"]:
+            backend = "aiter" if 16 // max(tp, 1) in (16, 128) else "triton"
+        else:
+            backend = "triton"
+    if backend == "fa3" and kv == "fp8_e5m2":
+        backend = "triton"
+    return backend
 
 
 def _constant(value: Any) -> Any:

@@ -9,6 +9,7 @@ reproduce (so a fixed rule is noticed and its entry deleted), and nothing outsid
 from __future__ import annotations
 
 import itertools
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -131,11 +132,23 @@ def sweep_requests() -> Iterator[LaunchRequest]:
         yield LaunchRequest(deterministic=det, extra_args=fragment)
 
 
+#: Every Nth sweep case (``tests/contract/run_versions.py`` sets it off the anchor versions 0.5.11 and 0.5.23);
+#: the sample is stratified: case (i, j) of environment i and request j is kept when (i + j) % N == 0, so every
+#: environment and every request is still checked.
+SAMPLE = max(1, int(os.environ.get("MLAPROP_CONTRACT_SAMPLE", "1") or 1))
+
+
 @pytest.fixture(scope="module")
 def sweep(sglang: SGLang) -> list[Verdict]:
-    """Every sweep environment x every sweep request, checked against SGLang (each distinct argv and
-    platform resolved once)."""
-    return [check(sglang, e, r) for e in sweep_environments() for r in sweep_requests()]
+    """Every sweep environment x every sweep request (or the stratified :data:`SAMPLE`), checked against
+    SGLang (each distinct argv and platform resolved once)."""
+    requests = list(sweep_requests())
+    return [
+        check(sglang, e, r)
+        for i, e in enumerate(sweep_environments())
+        for j, r in enumerate(requests)
+        if (i + j) % SAMPLE == 0
+    ]
 
 
 class TestSweep:
@@ -146,7 +159,10 @@ class TestSweep:
         backend, and every refusal is one SGLang shares (or mlaprop's AMD policy)."""
         unexplained = [v for v in sweep if not v.ok and known(v) is None]
         kinds = Counter(v.kind for v in sweep)
-        assert kinds[Kind.PLAN_AGREES] > 1000 and kinds[Kind.REFUSAL_CONFIRMED] > 1000, kinds
+        assert kinds[Kind.PLAN_AGREES] > 1000 // SAMPLE and kinds[Kind.REFUSAL_CONFIRMED] > 1000 // SAMPLE, (
+            kinds
+        )
+        print(f"SGLang {sweep[0].environment.sglang_version}: {len(sweep)} sweep cases {dict(kinds)}")
         assert not unexplained, f"{len(unexplained)} unexplained disagreements, first ones:\n" + "\n".join(
             str(v) for v in unexplained[:15]
         )

@@ -330,6 +330,12 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
     allowed_kv = caps.kv_allowed_with(backend)
     guarded = (
         (backend is AttentionBackend.TRTLLM_MLA and not is_blackwell(env.arch, env.cuda_version))
+        or (backend is AttentionBackend.FA4 and caps.fa4_prefill_only)
+        or (
+            backend is AttentionBackend.TRTLLM_MLA
+            and caps.trtllm_mla_sm100_only
+            and not is_sm100(env.arch, env.cuda_version)
+        )
         or (
             caps.alias_of(backend) is AttentionBackend.CUTEDSL_MLA
             and not is_sm100(env.arch, env.cuda_version)
