@@ -64,12 +64,14 @@ class OptionSpec:
             or one of SGLang's own action classes).
         nargs: argparse ``nargs`` (``None`` one value, ``0`` a switch, ``"?"``, ``"*"``, ``"+"`` or a count).
         choices: the accepted values, kept for the options mlaprop checks; ``None`` otherwise.
+        type: ``"int"`` or ``"float"`` when SGLang's parser converts the value so (and exits 2 when it cannot).
     """
 
     strings: tuple[str, ...]
     action: str
     nargs: int | str | None
     choices: tuple[str, ...] | None = None
+    type: str | None = None
 
     @property
     def name(self) -> str:
@@ -266,12 +268,25 @@ def option_table(version: str) -> OptionTable:
             action=o["action"],
             nargs=o["nargs"],
             choices=tuple(o["choices"]) if o.get("choices") is not None else None,
+            type=o.get("type"),
         )
         for o in raw["options"]
     )
     return OptionTable(
         known[-1], bool(raw["allow_abbrev"]), options, tuple(raw.get("implies_deterministic", ()))
     )
+
+
+def _checked(kind: str) -> Any:
+    """An argparse ``type`` that fails as SGLang's ``int`` / ``float`` does but keeps the text as written."""
+    convert = {"int": int, "float": float}[kind]
+
+    def check(value: str) -> str:
+        convert(value)
+        return value
+
+    check.__name__ = kind  # argparse says "invalid int value: 'x'", as SGLang's parser does
+    return check
 
 
 @functools.cache
@@ -285,7 +300,10 @@ def _parser(version: str) -> _Parser:
             nargs = 0
         if opt.action == "BooleanOptionalAction":
             nargs = 0
-        parser.add_argument(*opt.strings, action=_Record, nargs=nargs, dest=opt.name, choices=opt.choices)
+        convert = _checked(opt.type) if opt.type in ("int", "float") else None
+        parser.add_argument(
+            *opt.strings, action=_Record, nargs=nargs, dest=opt.name, choices=opt.choices, type=convert
+        )
     return parser
 
 

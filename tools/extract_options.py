@@ -10,8 +10,8 @@ With ``--wheels`` each ``sglang-X-*.whl`` in DIR (``pip download --no-deps sglan
 and imported in a subprocess of its own, with every module the wheel cannot import on a CPU machine
 (torch, triton, CUDA kernels, ...) replaced by an import stand-in, and ``ServerArgs.add_cli_args`` is run on a
 fresh ``argparse.ArgumentParser`` exactly as ``prepare_server_args`` does. The table keeps, per option:
-its option strings, ``dest``, argparse action class, ``nargs`` and (for a few options mlaprop checks) its
-``choices``. ``tests/contract/test_options.py`` regenerates the table of the installed SGLang with its real
+its option strings, ``dest``, argparse action class, ``nargs``, ``type`` when ``int`` or ``float`` (argparse
+exits 2 on a value that does not convert) and (for a few options mlaprop checks) its ``choices``. ``tests/contract/test_options.py`` regenerates the table of the installed SGLang with its real
 dependencies and compares it with the shipped data, so a stand-in that changed a table is caught.
 """
 
@@ -53,6 +53,8 @@ def table_from_parser(parser: argparse.ArgumentParser) -> dict[str, Any]:
             if action.nargs is None or isinstance(action.nargs, str)
             else int(action.nargs),
         }
+        if action.type in (int, float):
+            entry["type"] = action.type.__name__
         if action.dest in CHOICES_KEPT and action.choices is not None:
             entry["choices"] = sorted(str(c) for c in action.choices)
         options.append(entry)

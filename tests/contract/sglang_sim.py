@@ -322,6 +322,10 @@ _NOT_PLATFORM = frozenset(
         "is_valid_ipv6_address",
         "is_port_available",
         "is_npu_available",
+        "is_fa3_default_architecture",  # 0.5.5-0.5.7: a property of the model's architecture (MHA models)
+        "is_host_cpu_arm64",  # 0.5.12-0.5.18: the host CPU (the CPU machine's answer, x86, is the runners')
+        "is_mnnvl_fabric_device",  # 0.5.17-0.5.18: multi-node NVLink, steers all-reduce, not attention
+        "is_record",
     }
 )
 _PROBE_NAME = re.compile(r"^(is_[a-z0-9_]+|cpu_has_[a-z0-9_]+|get_device_sm|get_device_capability)$")
@@ -422,10 +426,10 @@ class SGLang:
         """
         spec = importlib.util.find_spec("sglang")
         assert spec is not None and spec.submodule_search_locations
-        path = (
-            Path(next(iter(spec.submodule_search_locations)))
-            / "srt/models/deepseek_common/attention_backend_handler.py"
-        )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        path = root / "srt/models/deepseek_common/attention_backend_handler.py"
+        if not path.exists():  # up to 0.5.7 the dispatch lives in the model file
+            path = root / "srt/models/deepseek_v2.py"
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name == "_dispatch_mla_subtype":
