@@ -300,9 +300,9 @@ def _parser(version: str) -> _Parser:
             nargs = 0
         if opt.action == "BooleanOptionalAction":
             nargs = 0
-        convert = _checked(opt.type) if opt.type in ("int", "float") else None
+        extra: dict[str, Any] = {"type": _checked(opt.type)} if opt.type in ("int", "float") else {}
         parser.add_argument(
-            *opt.strings, action=_Record, nargs=nargs, dest=opt.name, choices=opt.choices, type=convert
+            *opt.strings, action=_Record, nargs=nargs, dest=opt.name, choices=opt.choices, **extra
         )
     return parser
 

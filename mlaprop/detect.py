@@ -299,25 +299,53 @@ def parse_device_mask(value: str | None) -> tuple[str, ...] | None:
     return tuple(kept)
 
 
+def _rocm_mask_names(environ: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ROCm masks that apply, in order, and notes on those HIP ignores.
+
+    ROCr (``ROCR_VISIBLE_DEVICES``) filters first whenever the variable is set, even to ``""`` (ROCr's
+    ``flag.h``: ``filter_visible_gpus_ = os::IsEnvVarSet("ROCR_VISIBLE_DEVICES")``). HIP then reads one list:
+    ``HIP_VISIBLE_DEVICES`` when it is non-empty, else ``CUDA_VISIBLE_DEVICES``, and applies it only when
+    that list is non-empty (ROCm clr ``rocclr/device/rocm/rocdevice.cpp``: ``(HIP_VISIBLE_DEVICES[0] !=
+    '\\0') ? HIP_VISIBLE_DEVICES : CUDA_VISIBLE_DEVICES``, then ``if (ordinals[0] != '\\0')``). So unlike
+    CUDA, an empty ``HIP_VISIBLE_DEVICES`` or ``CUDA_VISIBLE_DEVICES`` hides nothing on ROCm.
+    """
+    names: list[str] = []
+    notes: list[str] = []
+    if "ROCR_VISIBLE_DEVICES" in environ:
+        names.append("ROCR_VISIBLE_DEVICES")
+    hip = environ.get("HIP_VISIBLE_DEVICES")
+    cuda = environ.get("CUDA_VISIBLE_DEVICES")
+    if hip:
+        names.append("HIP_VISIBLE_DEVICES")
+        if cuda is not None:
+            notes.append(
+                f"CUDA_VISIBLE_DEVICES={cuda!r} is ignored on ROCm: HIP uses HIP_VISIBLE_DEVICES={hip!r} "
+                "when it is non-empty"
+            )
+    elif cuda:
+        names.append("CUDA_VISIBLE_DEVICES")
+    for name, value in (("HIP_VISIBLE_DEVICES", hip), ("CUDA_VISIBLE_DEVICES", cuda)):
+        if value == "":
+            notes.append(f"{name}='' is empty: HIP treats it as unset (it hides nothing on ROCm)")
+    return tuple(names), tuple(notes)
+
+
 def apply_device_masks(
     physical: int, vendor: Vendor, environ: Mapping[str, str]
 ) -> tuple[int, tuple[str, ...]]:
     """Visible device count after the masks, and notes on what the masks did.
 
-    NVIDIA honours ``CUDA_VISIBLE_DEVICES``. ROCm applies ``ROCR_VISIBLE_DEVICES`` first, then
-    ``HIP_VISIBLE_DEVICES`` (indices into what ROCR left), and HIP also honours ``CUDA_VISIBLE_DEVICES``
-    (sglang-rules.md section 5).
+    NVIDIA honours ``CUDA_VISIBLE_DEVICES`` (an empty value hides every device). ROCm applies
+    ``ROCR_VISIBLE_DEVICES`` first (whenever set), then HIP's one list: ``HIP_VISIBLE_DEVICES`` when
+    non-empty, else ``CUDA_VISIBLE_DEVICES`` when non-empty, as indices into what ROCr left (see
+    :func:`_rocm_mask_names` for the runtime sources; sglang-rules.md section 5).
     """
     notes: list[str] = []
-    names = (
-        ("CUDA_VISIBLE_DEVICES",)
-        if vendor is not Vendor.AMD
-        else (
-            "ROCR_VISIBLE_DEVICES",
-            "HIP_VISIBLE_DEVICES",
-            "CUDA_VISIBLE_DEVICES",
-        )
-    )
+    if vendor is Vendor.AMD:
+        names, rocm_notes = _rocm_mask_names(environ)
+        notes += rocm_notes
+    else:
+        names = ("CUDA_VISIBLE_DEVICES",)
     count = physical
     for name in names:
         mask = parse_device_mask(environ.get(name))
@@ -335,7 +363,7 @@ def apply_device_masks(
         if new == 0:
             notes.append(f"{name}={environ.get(name)!r} hides every GPU")
         count = new
-    if vendor is Vendor.AMD and "ROCR_VISIBLE_DEVICES" in environ and "HIP_VISIBLE_DEVICES" in environ:
+    if vendor is Vendor.AMD and "ROCR_VISIBLE_DEVICES" in environ and environ.get("HIP_VISIBLE_DEVICES"):
         notes.append(
             "both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are set: HIP indexes into the devices ROCR left, "
             "which can hide every GPU; set only one"
@@ -343,8 +371,8 @@ def apply_device_masks(
     return count, tuple(notes)
 
 
-def _sglang_version(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
-    override = environ.get("MLAPROP_SGLANG_VERSION")
+def _sglang_version(environ: Mapping[str, str], override: str | None) -> tuple[str, tuple[str, ...]]:
+    override = override or environ.get("MLAPROP_SGLANG_VERSION")
     if override:
         capabilities_for(override)  # validate
         return override.strip(), ()
@@ -358,6 +386,9 @@ def detect_environment(
     environ: Mapping[str, str] | None = None,
     probe: Callable[[], HardwareProbe] = probe_hardware,
     *,
+    vendor: Vendor | None = None,
+    arch: str | None = None,
+    sglang_version: str | None = None,
     hardware_speaks: bool = False,
     amd_probe: Callable[[Mapping[str, str]], AmdEvidence] = probe_amd_evidence,
 ) -> Environment:
@@ -372,6 +403,9 @@ def detect_environment(
             override the machine contradicts raises :class:`HardwareConflict`, and AMD evidence counts in
             ``Environment.amd_evidence``. ``False`` (``compose``, ``run --simulate``): an override previews.
         amd_probe: the AMD evidence probe (injectable for tests).
+        vendor, arch, sglang_version: explicit overrides (the CLI's ``--vendor`` / ``--arch`` /
+            ``--sglang-version``), taking precedence over ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` /
+            ``MLAPROP_SGLANG_VERSION`` and read the same way.
 
     Returns:
         An :class:`Environment`; ``notes`` says which probe answered and what the masks did.
@@ -383,9 +417,9 @@ def detect_environment(
     """
     env = os.environ if environ is None else environ
     notes: list[str] = []
-    vendor_override = env.get("MLAPROP_VENDOR")
-    arch_override = env.get("MLAPROP_ARCH")
-    vendor: Vendor | None = None
+    vendor_override: str | None = vendor.value if vendor is not None else env.get("MLAPROP_VENDOR")
+    arch_override = arch or env.get("MLAPROP_ARCH")
+    vendor = None
     if vendor_override:
         vendor = parse_enum(Vendor, vendor_override, "GPU vendor in MLAPROP_VENDOR")
     arch = ""
@@ -423,7 +457,7 @@ def detect_environment(
         notes += mask_notes
     if vendor is Vendor.NONE:
         count, arch = 0, ""
-    version, version_notes = _sglang_version(env)
+    version, version_notes = _sglang_version(env, sglang_version)
     notes += version_notes
     return Environment(
         vendor=vendor,

@@ -13,6 +13,7 @@ import enum
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "LANGUAGES",
     "LANG_TO_ANSWER_PREFIX",
     "LANG_TO_INSTRUCTIONS",
+    "MAX_DATASET_BYTES",
     "MAX_TOKENS",
     "TEMPERATURE",
     "DatasetUnavailable",
@@ -57,6 +59,10 @@ DATASET_URL = "https://openaipublic.blob.core.windows.net/simple-evals/mgsm_{lan
 
 #: Rows per language in the published files.
 EXPECTED_ROWS = 250
+
+#: The largest MGSM file read, bytes (8 MiB). The published files are 58-177 KB; anything far larger is the
+#: wrong file (``--dataset /dev/zero``, a log, a model shard), refused instead of read without limit.
+MAX_DATASET_BYTES = 8 * 1024 * 1024
 
 #: SHA-256 of the published files (computed from the copies in ``shared/data/mgsm``, 250 rows each).
 DATASET_SHA256: Mapping[str, str] = {
@@ -321,19 +327,32 @@ def _wrong_language(path: Path, lang: str, other: str, why: str) -> InvalidDatas
     )
 
 
-def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
-    """Read and validate an MGSM TSV file.
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_bounded(p: Path, lang: str, limit: int = MAX_DATASET_BYTES) -> bytes:
+    """The bytes of the regular file ``p``, at most ``limit`` of them.
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor before any read, so a FIFO
+    neither blocks the open nor the read, and a device (``/dev/zero``) is never read.
 
     Raises:
-        InvalidDataset: the file is missing, unreadable or malformed (see :func:`parse_dataset`), or it is
-            another language's: named ``mgsm_<other>.tsv``, or byte for byte another language's published
-            file (the prompt and the answer prefix would be ``lang``'s, and the score meaningless).
-        ValueError: unknown ``lang``.
+        InvalidDataset: missing, a directory, not a regular file, unreadable, or larger than ``limit`` bytes.
     """
-    _check_lang(lang)
-    p = Path(path)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    )
     try:
-        data = p.read_bytes()
+        fd = os.open(p, flags)
     except FileNotFoundError:
         raise InvalidDataset(p, None, "no such file", "Check the path given to --dataset.") from None
     except IsADirectoryError:
@@ -342,6 +361,60 @@ def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
         ) from None
     except OSError as exc:
         raise InvalidDataset(p, None, f"cannot be read ({exc.strerror})", "Check its permissions.") from None
+    too_big = InvalidDataset(
+        p,
+        None,
+        f"is larger than {limit // (1024 * 1024)} MiB, far larger than any MGSM file (58-177 KB)",
+        f"Give the MGSM TSV itself (mgsm_{lang}.tsv, 250 rows).",
+    )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidDataset(
+                p, None, "is a directory", f"Give the TSV file itself, e.g. {p / f'mgsm_{lang}.tsv'}."
+            )
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidDataset(
+                p,
+                None,
+                f"is {_file_kind(info.st_mode)}, not a regular file",
+                "Save the MGSM TSV to a file and pass that file's path.",
+            )
+        if info.st_size > limit:
+            raise too_big
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise InvalidDataset(p, None, f"cannot be read ({exc.strerror})", "Check its permissions.") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise too_big
+    return b"".join(chunks)
+
+
+def load_dataset(path: str | os.PathLike[str], lang: str = "en") -> MgsmDataset:
+    """Read and validate an MGSM TSV file.
+
+    Only a regular file of at most :data:`MAX_DATASET_BYTES` bytes is read: a FIFO, a device such as
+    ``/dev/zero`` or a socket is refused before any read (it would hang or never end).
+
+    Raises:
+        InvalidDataset: the file is missing, unreadable, not a regular file, larger than
+            :data:`MAX_DATASET_BYTES`, or malformed (see :func:`parse_dataset`), or it is
+            another language's: named ``mgsm_<other>.tsv``, or byte for byte another language's published
+            file (the prompt and the answer prefix would be ``lang``'s, and the score meaningless).
+        ValueError: unknown ``lang``.
+    """
+    _check_lang(lang)
+    p = Path(path)
+    data = _read_bounded(p, lang)
     digest = hashlib.sha256(data).hexdigest()
     for other, pinned in DATASET_SHA256.items():
         if digest == pinned and other != lang:
@@ -373,11 +446,16 @@ def _how_to_provide(lang: str, cached: Path) -> str:
     )
 
 
-def _download(url: str, timeout_s: float) -> bytes:
-    resp = requests.get(url, timeout=(min(10.0, timeout_s), timeout_s))
-    if resp.status_code != 200:
-        raise OSError(f"HTTP {resp.status_code} from {url}")
-    return resp.content
+def _download(url: str, timeout_s: float, limit: int = MAX_DATASET_BYTES) -> bytes:
+    with requests.get(url, timeout=(min(10.0, timeout_s), timeout_s), stream=True) as resp:
+        if resp.status_code != 200:
+            raise OSError(f"HTTP {resp.status_code} from {url}")
+        body = bytearray()
+        for chunk in resp.iter_content(chunk_size=1 << 16):
+            body += chunk
+            if len(body) > limit:
+                raise OSError(f"the answer from {url} is larger than {limit} bytes; no MGSM file is")
+        return bytes(body)
 
 
 def resolve_dataset(
@@ -415,7 +493,10 @@ def resolve_dataset(
     pinned = DATASET_SHA256[lang]
     stale = ""
     if cached.is_file():
-        data = cached.read_bytes()
+        try:
+            data = _read_bounded(cached, lang)
+        except InvalidDataset:
+            data = b""  # unreadable or oversized: treated as stale, replaced by a download
         if hashlib.sha256(data).hexdigest() == pinned:
             return load_dataset(cached, lang)
         stale = f"The cached copy {cached} does not match the pinned SHA-256 (corrupt or truncated). "

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlaprop.ci import envbool
 from mlaprop.environment import Environment, Vendor
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "check_model_available",
     "check_sglang_importable",
     "hf_hub_cache",
+    "hf_offline",
     "preflight",
 ]
 
@@ -85,26 +86,73 @@ def check_sglang_importable(find_spec: Callable[[str], object] = importlib.util.
         )
 
 
+#: huggingface_hub's ``ENV_VARS_TRUE_VALUES`` (``constants.py``), compared after ``.upper()``, unstripped.
+HF_TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def hf_offline(environ: Mapping[str, str]) -> tuple[bool, str | None]:
+    """Hugging Face offline mode as ``huggingface_hub`` reads it, and the ``NAME=value`` that decided it.
+
+    ``HF_HUB_OFFLINE = _is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))``
+    (``huggingface_hub/constants.py``): the first *non-empty* of the two is read, and it is true when its
+    upper-cased value is ``1``, ``ON``, ``YES`` or ``TRUE``. So ``HF_HUB_OFFLINE=ON`` and
+    ``TRANSFORMERS_OFFLINE=1`` are offline; ``HF_HUB_OFFLINE=y`` is not (SGLang's ``EnvBool`` would say yes);
+    ``HF_HUB_OFFLINE=0`` wins over ``TRANSFORMERS_OFFLINE=1``.
+
+    Returns:
+        ``(offline, "NAME='value'")``; the second item is ``None`` when neither variable is set non-empty.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = environ.get(name)
+        if value:
+            return value.upper() in HF_TRUE_VALUES, f"{name}={value}"
+    return False, None
+
+
+def _expand(path: str, environ: Mapping[str, str]) -> str:
+    """``os.path.expandvars(os.path.expanduser(path))`` against ``environ`` instead of ``os.environ``:
+    ``~`` and ``~/...`` use ``HOME`` (else the password database), ``$NAME`` / ``${NAME}`` are replaced when
+    set and left as written otherwise (``os.path.expandvars``' rule)."""
+    if path == "~" or path.startswith("~/"):
+        home = environ.get("HOME") or str(Path.home())
+        path = home.rstrip("/") + path[1:] if home != "/" else "/" + path[2:]
+    elif path.startswith("~"):
+        path = os.path.expanduser(path)
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1).strip("{}")
+        return environ.get(name, m.group(0))
+
+    return _VAR.sub(sub, path)
+
+
 def hf_hub_cache(environ: Mapping[str, str]) -> Path:
-    """The Hugging Face hub cache folder: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub`` (huggingface_hub's order)."""
-    if environ.get("HF_HUB_CACHE"):
-        return Path(environ["HF_HUB_CACHE"])
-    if environ.get("HF_HOME"):
-        return Path(environ["HF_HOME"]) / "hub"
-    xdg = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "huggingface" / "hub"
+    """The Hugging Face hub cache folder as ``huggingface_hub`` computes it (``constants.py``):
+    ``HF_HUB_CACHE``, else the legacy ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub`` with ``HF_HOME``
+    defaulting to ``$XDG_CACHE_HOME/huggingface`` (``XDG_CACHE_HOME`` defaulting to ``~/.cache``); ``~`` and
+    ``$VARS`` expanded in ``HF_HOME`` and in the result (so ``HF_HOME='~/hf'`` is ``$HOME/hf``)."""
+    default_home = _expand("~", environ) + "/.cache"
+    home = _expand(
+        environ.get("HF_HOME", os.path.join(environ.get("XDG_CACHE_HOME", default_home), "huggingface")),
+        environ,
+    )
+    legacy = environ.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub"))
+    return Path(_expand(environ.get("HF_HUB_CACHE", legacy), environ))
 
 
 def check_model_available(model: str, environ: Mapping[str, str]) -> None:
     """Refuse a model that cannot be loaded offline.
 
     A local folder must hold ``config.json``. A Hugging Face id must be in the hub cache (a snapshot with a
-    ``config.json``) when ``HF_HUB_OFFLINE`` is true; online, a missing model is downloaded by SGLang.
+    ``config.json``) when Hugging Face offline mode is on (:func:`hf_offline`); online, a missing model is
+    downloaded by SGLang.
 
     Raises:
         PreflightError: the folder is missing or has no ``config.json``, or the model is not cached while
-            offline; the message names the model, ``HF_HOME`` and the cache folder.
+            offline; the message names the model, the variable that set offline mode, ``HF_HOME`` and the
+            cache folder.
     """
     local = Path(model).expanduser()
     if local.exists() or model.startswith(("/", "./", "../", "~")):
@@ -114,16 +162,17 @@ def check_model_available(model: str, environ: Mapping[str, str]) -> None:
                 "Pass a folder holding a Hugging Face model (config.json, weights, tokenizer) or a hub id."
             )
         return
-    if not envbool(environ.get("HF_HUB_OFFLINE")):
+    offline, why = hf_offline(environ)
+    if not offline:
         return
     cache = hf_hub_cache(environ)
     repo = cache / ("models--" + model.replace("/", "--"))
     if not any((repo / "snapshots").glob("*/config.json")):
         raise PreflightError(
-            f"model {model} is not in the Hugging Face cache and HF_HUB_OFFLINE=1: looked in {repo} "
+            f"model {model} is not in the Hugging Face cache and {why}: looked in {repo} "
             f"(HF_HOME={environ.get('HF_HOME', '<unset>')}).\nDownload it first on a machine with access "
             f"(huggingface-cli download {model}) into that HF_HOME, point HF_HOME at the cache that holds it, "
-            "or unset HF_HUB_OFFLINE."
+            "or turn offline mode off (unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE)."
         )
 
 

@@ -94,7 +94,7 @@ _PORT_CONFLICT = re.compile(
 )
 _CAUSE = re.compile(
     r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:[\w.]*(?:Error|Exception|Interrupt)\b.*|.*: error: .*|.*address already in use.*"
-    r"|.*out of memory.*|.*segmentation fault.*|.*memory access fault.*|.*simulated crash.*)$"
+    r"|.*out of memory.*|.*segmentation fault.*|.*memory access fault.*)$"
 )
 
 

@@ -51,6 +51,16 @@ Scripted faults (each one flag)
                                    ``--sim-malformed-rate P`` a seeded fraction P.
     ``--sim-max-lifetime S``       exit after S seconds whatever happens (default 600; children and the
                                    grandchild too), so a leaked simulator cannot live for ever.
+    ``--sim-hang-from K``          the K-th generation request and every later one never answer (a hang).
+    Batch-dependence faults (they apply even with ``--enable-deterministic-inference``; "in flight" counts
+    sequences, a ``/generate`` list of N texts counting N):
+    ``--sim-vary-from N``          an answer changes with its batch once N or more sequences were in flight.
+    ``--sim-vary-lists``           answers inside a list request change with the list's length.
+    ``--sim-flip-rate P``          each sequence generated with others in flight changes one token with
+                                   probability P (seeded by ``--sim-seed`` and the sequence number).
+    ``--sim-flush-busy-rate P``    ``/flush_cache`` answers 400 "Flush cache failed." with probability P
+                                   (seeded); it always does while generation requests are in flight, as
+                                   SGLang does (``scheduler.py`` ``flush_cache``: not idle -> no flush).
     Generation requests are ``POST /v1/chat/completions`` and ``POST /generate``, numbered from 1 in arrival
     order; the seeded choice for request n depends only on ``--sim-seed`` and n.
 
@@ -69,7 +79,11 @@ Endpoints
     ``GET /health``, ``GET /health_generate``, ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI shape
     with ``usage.completion_tokens``), ``POST /generate`` (``{"text", "sampling_params"}`` -> ``{"text",
     "output_ids", "meta_info": {"output_ids", "completion_tokens", "prompt_tokens", "finish_reason", ...}}``;
-    a list of texts gives a list), ``POST``/``GET /flush_cache``.
+    a list of texts gives a list in the same order; ``"return_logprob": true`` adds
+    ``meta_info.output_token_logprobs``, SGLang's ``[logprob, token_id, null]`` per output token),
+    ``POST``/``GET /flush_cache`` (200 ``Cache flushed...``, 400 ``Flush cache failed.`` while busy),
+    ``GET /get_server_info`` (server arguments, ``max_running_requests`` (``--max-running-requests``, default
+    none) and ``internal_states[0].effective_max_running_requests_per_dp`` (that, or 2048), as SGLang 0.5.11).
 """
 
 from __future__ import annotations
@@ -88,7 +102,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -254,12 +268,19 @@ class SimModel:
         correct: indices of rows answered correctly.
         deterministic: outputs do not depend on how many requests were in flight.
         seed: seed of every choice.
+        vary_from: with N > 0, answers change with their batch once N or more sequences were in flight,
+            deterministic or not (a fault).
+        vary_lists: answers inside a list request change with its length (a fault).
+        flip_rate: chance that a sequence generated with others in flight changes one token (a fault).
     """
 
     rows: tuple[DatasetRow, ...] = ()
     correct: frozenset[int] = frozenset()
     deterministic: bool = False
     seed: int = 0
+    vary_from: int = 0
+    vary_lists: bool = False
+    flip_rate: float = 0.0
 
     @classmethod
     def build(cls, rows: Sequence[DatasetRow], accuracy: float, deterministic: bool, seed: int) -> SimModel:
@@ -283,12 +304,29 @@ class SimModel:
                 best = i
         return best
 
-    def generate(self, prompt: str, max_tokens: int, batch: int) -> tuple[str, list[int], str]:
+    def variation(self, batch: int, listed: int = 0, draw: float = 1.0) -> object:
+        """What makes an answer differ from the batch-invariant one (``None``: nothing). ``batch``: most
+        sequences in flight during it; ``listed``: its list request's length (0: a single text); ``draw``: a
+        uniform [0, 1) number for the flip fault."""
+        if batch > 1 and (not self.deterministic or (self.vary_from and batch >= self.vary_from)):
+            return batch
+        if self.vary_lists and listed:
+            return ("list", listed)
+        if self.flip_rate and batch > 1 and draw < self.flip_rate:
+            return ("flip", draw)
+        return None
+
+    def generate(
+        self, prompt: str, max_tokens: int, batch: int, *, variation: object = "batch"
+    ) -> tuple[str, list[int], str]:
         """Text, output ids and finish reason (``stop`` or ``length``) for ``prompt``.
 
-        ``batch`` is the largest number of generation requests in flight during this one; when it is above
-        1 and the model is not deterministic, one word of the body changes (seeded by prompt and batch).
+        ``batch`` is the largest number of generation requests in flight during this one. By default, when it
+        is above 1 and the model is not deterministic, one word of the body changes (seeded by prompt and
+        batch); an explicit ``variation`` (from :meth:`variation`; ``None`` for none) decides instead.
         """
+        if variation == "batch":
+            variation = batch if batch > 1 and not self.deterministic else None
         index = self.find(prompt)
         if index is not None:
             row = self.rows[index]
@@ -299,8 +337,9 @@ class SimModel:
             rng = random.Random(_seed(self.seed, "filler", prompt))
             body = [rng.choice(_FILLER) for _ in range(_FILLER_WORDS)]
             tail = ""
-        if batch > 1 and not self.deterministic:
-            rng = random.Random(_seed(self.seed, "batch", prompt, batch))
+        if variation is not None:
+            key = batch if isinstance(variation, int) else variation  # an int keeps the old seeding
+            rng = random.Random(_seed(self.seed, "batch", prompt, key))
             pos = rng.randrange(min(len(body), max(max_tokens, 1)))  # a word that is emitted
             body[pos] = rng.choice([w for w in _FILLER if w != body[pos]])
         pieces = _pieces(" ".join(body) + tail)
@@ -329,21 +368,31 @@ class _InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: dict[int, int] = {}
+        self._weight: dict[int, int] = {}
         self._next = 0
 
-    def enter(self) -> int:
+    def enter(self, weight: int = 1) -> int:
+        """Register a request carrying ``weight`` sequences; returns its key."""
         with self._lock:
             self._next += 1
             key = self._next
             self._seen[key] = 0
-            n = len(self._seen)
+            self._weight[key] = weight
+            n = sum(self._weight.values())
             for k in self._seen:
                 self._seen[k] = max(self._seen[k], n)
             return key
 
     def leave(self, key: int) -> int:
         with self._lock:
+            self._weight.pop(key, None)
             return self._seen.pop(key)
+
+    @property
+    def busy(self) -> bool:
+        """Some generation request is in flight."""
+        with self._lock:
+            return bool(self._seen)
 
 
 class _State:
@@ -354,6 +403,7 @@ class _State:
         self.inflight = _InFlight()
         self._lock = threading.Lock()
         self._count = 0
+        self._counters: dict[str, int] = {}
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -365,6 +415,13 @@ class _State:
         with self._lock:
             self._count += 1
             return self._count
+
+    def numbers(self, kind: str, n: int) -> range:
+        """``n`` consecutive numbers of the ``kind`` counter (sequences, flushes), from 1."""
+        with self._lock:
+            first = self._counters.get(kind, 0) + 1
+            self._counters[kind] = first + n - 1
+            return range(first, first + n)
 
 
 def _chance(seed: int, kind: str, n: int) -> float:
@@ -436,7 +493,9 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
         elif path == "/flush_cache":
-            self._send(200, b"Cache flushed.\n", "text/plain")
+            self._flush_cache()
+        elif path == "/get_server_info":
+            self._json(200, self._server_info())
         else:
             self._error(404, f"Not Found: {path}")
 
@@ -448,7 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if path == "/flush_cache":
-            self._send(200, b"Cache flushed.\n", "text/plain")
+            self._flush_cache()
             return
         if path not in ("/v1/chat/completions", "/generate"):
             self._error(404, f"Not Found: {path}")
@@ -465,12 +524,44 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._generation(path, body)
 
+    def _flush_cache(self) -> None:
+        """SGLang 0.5.11 ``/flush_cache``: 400 while requests are pending (or by ``--sim-flush-busy-rate``)."""
+        st = self.state
+        args = st.config.args
+        (n,) = st.numbers("flush", 1)
+        if st.inflight.busy or (
+            args.sim_flush_busy_rate and _chance(args.sim_seed, "flush", n) < args.sim_flush_busy_rate
+        ):
+            self._send(400, b"Flush cache failed.\n", "text/plain")
+            return
+        self._send(
+            200,
+            b"Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+            b"requests, the operation will not be performed.)\n",
+            "text/plain",
+        )
+
+    def _server_info(self) -> dict[str, Any]:
+        """SGLang's ``/get_server_info`` shape: server arguments, scheduler info, ``internal_states``."""
+        args = self.state.config.args
+        info = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("sim_") and k != "api_key"}
+        limit = args.max_running_requests or 2048
+        info["internal_states"] = [
+            {"effective_max_running_requests_per_dp": limit, "last_gen_throughput": 0.0}
+        ]
+        info["version"] = args.sim_sglang_version
+        return info
+
     def _generation(self, path: str, body: dict[str, Any]) -> None:
         st = self.state
         args = st.config.args
         n = st.number()
-        key = st.inflight.enter()
+        texts = body.get("text") if path == "/generate" else None
+        key = st.inflight.enter(max(1, len(texts)) if isinstance(texts, list) else 1)
         try:
+            if args.sim_hang_from and n >= args.sim_hang_from:
+                st.log(f"simulated hang of generation request {n} (--sim-hang-from)")
+                _sleep_until_killed(args.sim_max_lifetime)
             if args.sim_latency > 0:
                 time.sleep(args.sim_latency)
         finally:
@@ -497,7 +588,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, payload)
         if args.sim_die_after_requests and n >= args.sim_die_after_requests:
             st.log(
-                f"simulated crash after {n} generation requests (--sim-die-after-requests); "
+                f"RuntimeError: simulated crash after {n} generation requests (--sim-die-after-requests); "
                 "exiting with code 1"
             )
             os._exit(1)
@@ -544,28 +635,35 @@ class _Handler(BaseHTTPRequestHandler):
         params = body.get("sampling_params") or {}
         max_tokens = int(params.get("max_new_tokens", 128))
         texts = body["text"]
+        listed = len(texts) if isinstance(texts, list) else 0
+        model = st.config.model
+        args = st.config.args
 
-        def one(prompt: str) -> dict[str, Any]:
-            text, ids, finish = st.config.model.generate(str(prompt), max_tokens, batch)
+        def one(prompt: str, seq: int) -> dict[str, Any]:
+            draw = _chance(args.sim_seed, "flip", seq)
+            variation = model.variation(batch, listed, draw)
+            text, ids, finish = model.generate(str(prompt), max_tokens, batch, variation=variation)
             reason: dict[str, Any] = {"type": finish}
             if finish == "length":
                 reason["length"] = max_tokens
-            return {
-                "text": text,
+            meta: dict[str, Any] = {
+                "id": uuid.uuid4().hex,
+                "finish_reason": reason,
+                "prompt_tokens": len(str(prompt).split()),
+                "completion_tokens": len(ids),
+                "cached_tokens": 0,
                 "output_ids": ids,
-                "meta_info": {
-                    "id": uuid.uuid4().hex,
-                    "finish_reason": reason,
-                    "prompt_tokens": len(str(prompt).split()),
-                    "completion_tokens": len(ids),
-                    "cached_tokens": 0,
-                    "output_ids": ids,
-                },
             }
+            if body.get("return_logprob"):
+                meta["output_token_logprobs"] = [
+                    [-(_seed(prompt, i, t) % 5000) / 1000.0 - 0.001, t, None] for i, t in enumerate(ids)
+                ]
+            return {"text": text, "output_ids": ids, "meta_info": meta}
 
+        seqs = st.numbers("sequence", max(1, listed))
         if isinstance(texts, list):
-            return [one(t) for t in texts]
-        return one(texts)
+            return [one(t, seq) for t, seq in zip(texts, seqs)]  # noqa: B905 - one number per text
+        return one(texts, seqs[0])
 
 
 class _Server(ThreadingHTTPServer):
@@ -616,6 +714,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-malformed-every", type=int, default=0, metavar="N")
     p.add_argument("--sim-malformed-rate", type=float, default=0.0, metavar="P")
     p.add_argument("--sim-max-lifetime", type=float, default=600.0, metavar="S")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--sim-hang-from", type=int, default=0, metavar="K")
+    p.add_argument("--sim-vary-from", type=int, default=0, metavar="N")
+    p.add_argument("--sim-vary-lists", action="store_true")
+    p.add_argument("--sim-flip-rate", type=float, default=0.0, metavar="P")
+    p.add_argument("--sim-flush-busy-rate", type=float, default=0.0, metavar="P")
     p.add_argument("--sim-dataset", default=None, metavar="PATH")
     p.add_argument("--sim-accuracy", type=float, default=1.0, metavar="P")
     p.add_argument("--sim-latency", type=float, default=0.0, metavar="S")
@@ -717,7 +821,12 @@ def prepare_server_args(argv: Sequence[str], out: TextIO, started: float) -> _Co
     for line in lines:
         out.write(f"WARNING: {line}\n")
     rows = load_dataset(args.sim_dataset) if args.sim_dataset else ()
-    model = SimModel.build(rows, args.sim_accuracy, args.enable_deterministic_inference, args.sim_seed)
+    model = replace(
+        SimModel.build(rows, args.sim_accuracy, args.enable_deterministic_inference, args.sim_seed),
+        vary_from=args.sim_vary_from,
+        vary_lists=args.sim_vary_lists,
+        flip_rate=args.sim_flip_rate,
+    )
     return _Config(args, tuple(unknown), backend, model, started)
 
 
@@ -841,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = config.args.sim_crash_at_start
     if rc is not None:
         out.write(
-            f"simulated crash at start-up (--sim-crash-at-start): exiting with code {rc} "
+            f"RuntimeError: simulated crash at start-up (--sim-crash-at-start): exiting with code {rc} "
             f"at t={time.time():.6f}\n"
         )
         return int(rc)

@@ -1,4 +1,6 @@
-"""Scores against a gate: binomial standard error, 95% Wilson interval, margin, and the verdict.
+"""Scores against a gate: binomial standard error, 95% Wilson interval, margin, and the verdict; and the
+statistics of comparing runs: the exact McNemar test, the paired difference interval, the minimum detectable
+drop for a run's size.
 
 Pure functions of counts; no I/O. The gate is compared exactly (as a fraction), so 200/250 against 0.8 passes
 without floating-point doubt.
@@ -10,14 +12,21 @@ import enum
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from statistics import NormalDist
 
 __all__ = [
+    "DEFAULT_ALPHA",
     "DEFAULT_GATE",
+    "DEFAULT_POWER",
     "Z_95",
+    "PairedCounts",
     "Score",
     "Verdict",
     "binomial_stderr",
     "gate_verdict",
+    "mcnemar_exact_p",
+    "minimum_detectable_drop",
+    "paired_difference_interval",
     "score",
     "wilson_interval",
 ]
@@ -193,3 +202,135 @@ def gate_verdict(correct: int, answered: int, total: int, gate: float = DEFAULT_
     if Fraction(correct + total - answered, total) < g:
         return Verdict.FAIL
     return Verdict.INCONCLUSIVE
+
+
+# --------------------------------------------------------------------------------------------- comparing runs
+
+#: Significance level for comparisons and the minimum detectable drop (two-sided).
+DEFAULT_ALPHA = 0.05
+#: Power for the minimum detectable drop.
+DEFAULT_POWER = 0.8
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """A 2x2 table of two runs scored on the same questions.
+
+    Attributes:
+        both: right in both runs.
+        only_a: right in run A only (A -> B lost it).
+        only_b: right in run B only (A -> B gained it).
+        neither: wrong in both runs.
+    """
+
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+
+    def __post_init__(self) -> None:
+        if min(self.both, self.only_a, self.only_b, self.neither) < 0:
+            raise ValueError(f"paired counts must be >= 0, got {self}")
+
+    @property
+    def n(self) -> int:
+        """Questions scored in both runs."""
+        return self.both + self.only_a + self.only_b + self.neither
+
+    @property
+    def discordant(self) -> int:
+        """Questions that flipped between the runs."""
+        return self.only_a + self.only_b
+
+    @property
+    def difference(self) -> float:
+        """Score of B minus score of A on the paired questions (``(only_b - only_a) / n``).
+
+        Raises:
+            ValueError: no paired question.
+        """
+        if self.n == 0:
+            raise ValueError("no question was scored in both runs")
+        return (self.only_b - self.only_a) / self.n
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the exact binomial test of ``only_a`` successes in
+    ``only_a + only_b`` discordant pairs against 1/2, ``min(1, 2 * P(X <= min(only_a, only_b)))`` with
+    ``X ~ Binomial(only_a + only_b, 1/2)``; 1.0 when no pair is discordant.
+
+    Computed in exact integer arithmetic, then rounded once to a float. Equals
+    ``scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue`` (McNemar 1947; the exact form as in
+    ``statsmodels.stats.contingency_tables.mcnemar(exact=True)``).
+
+    Raises:
+        ValueError: a negative count.
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_a} and {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+def paired_difference_interval(counts: PairedCounts, z: float = Z_95) -> tuple[float, float]:
+    """Interval for the paired score difference B - A (95% for the default ``z``): Newcombe's hybrid score
+    interval for paired proportions (Newcombe 1998, Statistics in Medicine 17:2635, method 10; no continuity
+    correction). Combines the Wilson intervals of the two scores with their phi correlation, so it stays in
+    [-1, 1] and is not degenerate when no question flipped.
+
+    Raises:
+        ValueError: no paired question.
+    """
+    n = counts.n
+    if n == 0:
+        raise ValueError("no question was scored in both runs")
+    a_right = counts.both + counts.only_a
+    b_right = counts.both + counts.only_b
+    p1, p2 = a_right / n, b_right / n
+    l1, u1 = wilson_interval(a_right, n, z)
+    l2, u2 = wilson_interval(b_right, n, z)
+    # phi of the 2x2 table; 0 when a margin is empty (Newcombe's convention)
+    a_wrong, b_wrong = n - a_right, n - b_right
+    denom = a_right * a_wrong * b_right * b_wrong
+    det = counts.both * counts.neither - counts.only_a * counts.only_b
+    phi = det / math.sqrt(denom) if denom > 0 else 0.0
+    d = p2 - p1
+    # B - A: the lower end moves B down (p2 - l2) and A up (u1 - p1), and the other way round
+    lower = d - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    upper = d + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    return max(-1.0, min(d, lower)), min(1.0, max(d, upper))
+
+
+def minimum_detectable_drop(
+    p: float, n: int, alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER
+) -> float | None:
+    """The smallest drop from score ``p`` that a second, independent run of ``n`` questions detects with
+    probability ``power`` in a two-sided test at level ``alpha``.
+
+    Uses Cohen's arcsine effect size ``h = 2 asin(sqrt(p)) - 2 asin(sqrt(p'))`` (Cohen 1988, section 6.2):
+    two samples of ``n`` reach ``power`` when ``h = (z(1 - alpha/2) + z(power)) * sqrt(2 / n)``, so the
+    detectable score is ``p' = sin^2(asin(sqrt(p)) - h/2)``. A paired comparison on the same questions
+    (``mlaprop compare``) usually detects less.
+
+    Returns:
+        ``p - p'`` in score units (0.1 = ten points), or ``None`` when even a drop to 0 would not be detected.
+
+    Raises:
+        ValueError: ``p`` outside [0, 1], ``n < 1``, or ``alpha`` / ``power`` outside (0, 1).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"score must be between 0 and 1, got {p}")
+    if n < 1:
+        raise ValueError(f"need at least one question, got n={n}")
+    if not (0.0 < alpha < 1.0 and 0.0 < power < 1.0):
+        raise ValueError(f"alpha and power must be between 0 and 1, got {alpha} and {power}")
+    normal = NormalDist()
+    h = (normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)) * math.sqrt(2 / n)
+    angle = math.asin(math.sqrt(p)) - h / 2
+    if angle < 0:
+        return None
+    return p - math.sin(angle) ** 2

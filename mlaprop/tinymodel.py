@@ -1,24 +1,49 @@
-"""A tiny MLA FP8 model folder for smoke runs: real SGLang serves it with ``--load-format dummy``.
+"""A tiny MLA FP8 model folder for smoke runs.
 
 The shape is the test model's (``neuralmagic/DeepSeek-Coder-V2-Lite-Instruct-FP8``, DeepseekV2ForCausalLM)
 with the real MLA dimensions (16 heads, 16 KV heads, kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128,
 yarn rope) shrunk elsewhere: 2 layers (layer 0 dense, layer 1 MoE with 8 routed experts, top-2, 1 shared),
 hidden 1024, vocab 2048. Weights are block FP8 (``weight_block_size`` [128, 128], DeepSeek-V3 style):
 per-tensor FP8 does not load in SGLang 0.5.11 for this architecture (kv_b_proj scale shape mismatch in
-``DeepseekV2 post_load_weights``). No weight files: the dummy loader fills every parameter.
+``DeepseekV2 post_load_weights``).
+
+Weights (:class:`SmokeWeights`):
+
+- ``dummy``: no weight files; serve with ``--load-format dummy``. The dummy loader fills uniform(-1e-3, 1e-3),
+  which casts to exactly 0 in e4m3 for about 98 % of the FP8 weights: every FP8 layer then adds nothing, the
+  logprobs are a uniform distribution's, and no kernel can make an output batch-dependent.
+- ``random``: real-scale random weights in ``model.safetensors`` (linears N(0, 1/fan_in) quantized to e4m3
+  with 128x128 block scales amax/448 in ``weight_scale_inv``; router gate, embeddings and ``lm_head`` bf16,
+  ``lm_head`` in ``ignored_layers``), served with SGLang's real weight loading. On the H200 (SGLang 0.5.11)
+  this model's greedy outputs change with the batch without ``--enable-deterministic-inference`` and are
+  bit-identical with it, so the determinism check can tell. Every FP8 GEMM keeps K <= 3 N (see
+  :data:`mlaprop.canary.checkpoint.MAX_K_OVER_N`). Needs torch and safetensors.
 
 Writing the tokenizer needs the ``tokenizers`` package (``pip install 'mlaprop[smoke]'``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOS", "CHAT_TEMPLATE", "EOS", "PAD", "TinyModelError", "model_config", "write_tiny_mla"]
+__all__ = [
+    "BOS",
+    "CHAT_TEMPLATE",
+    "EOS",
+    "PAD",
+    "SmokeWeights",
+    "TinyModelError",
+    "model_config",
+    "render_chat",
+    "train_tokenizer",
+    "write_model_folder",
+    "write_tiny_mla",
+]
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -40,6 +65,21 @@ CHAT_TEMPLATE = (
 
 class TinyModelError(RuntimeError):
     """The tiny model cannot be written here (the message says what is missing and how to install it)."""
+
+
+class SmokeWeights(str, enum.Enum):
+    """What the smoke model's weights are (see the module docstring)."""
+
+    DUMMY = "dummy"
+    RANDOM = "random"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def render_chat(user: str) -> str:
+    """What :data:`CHAT_TEMPLATE` renders for one user message with ``add_generation_prompt=True``."""
+    return f"{BOS}User: {user}\n\nAssistant:"
 
 
 def _corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
@@ -188,15 +228,12 @@ def model_config(
     }
 
 
-def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block: int = 128) -> Path:
-    """Write the tiny model folder (``config.json``, ``generation_config.json``, ``tokenizer.json``,
-    ``tokenizer_config.json``, ``special_tokens_map.json``) into ``out`` and return its path.
-
-    Takes about a second (a byte-level BPE tokenizer is trained on a small synthetic corpus).
+def train_tokenizer(corpus: Iterable[str], vocab: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus`` with up to ``vocab`` entries; the
+    special tokens :data:`BOS`, :data:`EOS`, :data:`PAD` get ids 0, 1, 2. Deterministic for a given corpus.
 
     Raises:
         TinyModelError: the ``tokenizers`` package is missing (the message says how to install it).
-        OSError: ``out`` cannot be written.
     """
     try:
         from tokenizers import (  # type: ignore[import-not-found,unused-ignore]
@@ -212,8 +249,6 @@ def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block
             "writing the smoke-test model needs the 'tokenizers' package: pip install 'mlaprop[smoke]' "
             "(or pip install tokenizers)"
         ) from None
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -225,17 +260,26 @@ def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def write_model_folder(path: Path, tok: Any, config: dict[str, Any]) -> None:
+    """Write ``config.json``, ``generation_config.json``, the tokenizer files and the chat template.
+
+    Raises:
+        OSError: ``path`` cannot be written.
+    """
+    path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
-    ids = [tok.token_to_id(t) for t in (BOS, EOS, PAD)]
-    if any(i is None for i in ids):  # pragma: no cover - special tokens are always added by the trainer
-        raise TinyModelError(f"tokenizer training lost a special token: {ids}")
-    bos, eos, pad = (int(i) for i in ids if i is not None)
-    config = model_config(layers=layers, vocab=vocab, block=block, bos=bos, eos=eos, pad=pad)
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     files: dict[str, Any] = {
         "config.json": config,
-        "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False},
+        "generation_config.json": {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "do_sample": False,
+        },
         "special_tokens_map.json": special,
         "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -249,4 +293,53 @@ def write_tiny_mla(out: Path | str, *, layers: int = 2, vocab: int = 2048, block
     }
     for name, data in files.items():
         (path / name).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _special_ids(tok: Any) -> tuple[int, int, int]:
+    ids = [tok.token_to_id(t) for t in (BOS, EOS, PAD)]
+    if any(i is None for i in ids):  # pragma: no cover - special tokens are always added by the trainer
+        raise TinyModelError(f"tokenizer training lost a special token: {ids}")
+    bos, eos, pad = (int(i) for i in ids)
+    return bos, eos, pad
+
+
+def write_tiny_mla(
+    out: Path | str,
+    *,
+    layers: int = 2,
+    vocab: int = 2048,
+    block: int = 128,
+    weights: SmokeWeights | str = SmokeWeights.DUMMY,
+    seed: int = 0,
+) -> Path:
+    """Write the tiny model folder (``config.json``, ``generation_config.json``, ``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``; with ``weights="random"`` also
+    ``model.safetensors``, about 40 MB) into ``out`` and return its path.
+
+    ``weights="dummy"`` (the default) writes no weights: serve with ``--load-format dummy``. ``"random"``
+    writes real-scale random block-FP8 weights from ``seed``: serve with the default (real) load format.
+    Takes about a second (plus a few seconds for random weights).
+
+    Raises:
+        TinyModelError: the ``tokenizers`` package is missing, or torch/safetensors for random weights
+            (the message says how to install them).
+        ValueError: unknown ``weights``; random weights without block quantization (``block`` 0).
+        OSError: ``out`` cannot be written.
+    """
+    kind = SmokeWeights(weights)
+    if kind is SmokeWeights.RANDOM and not block:
+        raise ValueError("random smoke weights are block FP8: pass block=128 (per-tensor FP8 does not load)")
+    path = Path(out)
+    tok = train_tokenizer(_corpus(), vocab)
+    bos, eos, pad = _special_ids(tok)
+    config = model_config(layers=layers, vocab=vocab, block=block, bos=bos, eos=eos, pad=pad)
+    write_model_folder(path, tok, config)
+    if kind is SmokeWeights.RANDOM:
+        try:
+            from mlaprop.canary.checkpoint import random_weights, save_checkpoint
+        except ImportError:
+            raise TinyModelError(
+                "random smoke weights need torch and safetensors: pip install 'mlaprop[canary]'"
+            ) from None
+        save_checkpoint(path, random_weights(config, seed), config)
     return path

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import mlaprop
 from mlaprop.cli import main
 
 
@@ -212,8 +215,8 @@ class TestFoundByNewUsers:
         assert code == 2 and match in err
 
 
-class TestSecondUserPass:
-    """Regressions from the second fresh-user pass over ``compose``."""
+class TestModelShape:
+    """``compose`` reads the model's KV heads and refuses model names SGLang would misparse."""
 
     def test_kv_heads_decide_rocm_default_and_tp(self, capsys):  # type: ignore[no-untyped-def]
         """DeepSeek-V3 (128 heads) at tp 8 on ROCm keeps 16 heads per rank: aiter; a non-default model without
@@ -242,3 +245,107 @@ class TestSecondUserPass:
         """A model starting with '-' or padded with spaces is refused before any launch."""
         code, out, err = _run(capsys, "compose", "--arch", "sm90", f"--model={model}")
         assert (code, out) == (2, "") and "would be read as an option or padded path" in err
+
+
+class TestCommandLineShape:
+    """Usage errors name their cause first; repeated ``--server-args`` add up; light commands stay light."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [("nosuch",), ("compose", "--bogus"), ("run", "--limit", "0"), ("eval",), ("env", "--gpus", "x")],
+    )
+    def test_usage_error_prints_the_cause_first(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Exit 2 and one line starting ``mlaprop: error:`` (regression: the usage block came first)."""
+        code, out, err = _run(capsys, *argv)
+        assert (code, out) == (2, "")
+        assert err.startswith("mlaprop: error: ") and len(err.splitlines()) == 1
+        assert "usage:" not in err
+
+    def test_repeated_server_args_are_appended(self, capsys):  # type: ignore[no-untyped-def]
+        """A second ``--server-args`` adds its words after the first's (regression: silently replaced)."""
+        code, out, err = _run(
+            capsys,
+            "compose",
+            "--arch",
+            "sm90",
+            "--server-args",
+            "--mem-fraction-static 0.8",
+            "--server-args=--disable-cuda-graph",
+            "--",
+            "--log-level",
+            "info",
+        )
+        assert code == 0, err
+        assert out.splitlines()[0].endswith("--mem-fraction-static 0.8 --disable-cuda-graph --log-level info")
+
+    @pytest.mark.parametrize(
+        "command",
+        [["compose", "--arch", "sm90", "--explain"], ["env"], ["--help"], ["preflight", "--no-sglang"]],
+    )
+    def test_light_commands_import_no_http_client(self, command):  # type: ignore[no-untyped-def]
+        """``compose`` / ``env`` / ``preflight`` / ``--help`` never import requests, urllib3, tqdm or psutil
+        (start-up time; the exit code is the command's own)."""
+        code = (
+            "import sys\nfrom mlaprop.cli import main\n"
+            f"rc = main({command!r}, environ={{'MLAPROP_VENDOR': 'nvidia', 'MLAPROP_ARCH': 'sm90'}})\n"
+            "heavy = sorted(m for m in ('requests', 'urllib3', 'tqdm', 'psutil') if m in sys.modules)\n"
+            "print(rc, heavy)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] in ("0 []", "2 []")
+
+    def test_preflight_refusal_names_the_cause_first(self, capsys):  # type: ignore[no-untyped-def]
+        """``preflight`` for AMD on an NVIDIA preview: exit 2, one line naming both vendors."""
+        code, out, err = _run(
+            capsys,
+            "preflight",
+            "--expect-vendor",
+            "amd",
+            "--vendor",
+            "nvidia",
+            "--arch",
+            "sm90",
+            "--no-sglang",
+        )
+        assert (code, out) == (2, "")
+        assert err.splitlines()[0] == (
+            "mlaprop: error: PreflightError: wrong GPU vendor: this run expects AMD, but found NVIDIA sm90 x1."
+        )
+
+
+def _mlaprop_imports(path: Path) -> set[str]:
+    """Top-level and nested ``mlaprop`` modules imported by one source file (relative imports resolved)."""
+    package = "mlaprop.cli" if path.parent.name == "cli" else "mlaprop"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = f"{package}.{module}" if module else package
+            if module.startswith("mlaprop"):
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mlaprop"))
+    return found
+
+
+def test_layers_import_one_way():
+    """cli -> job -> report, never back: the job and the report import nothing of the CLI, the report
+    nothing of the job, and the pure core nothing of the three (no cycle, no function-local workaround)."""
+    root = Path(mlaprop.__file__).parent
+    lower = {
+        "job.py": ("mlaprop.cli",),
+        "options.py": ("mlaprop.cli", "mlaprop.job"),
+        "report.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.options"),
+        "compose.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.report", "mlaprop.server"),
+        "detect.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.report", "mlaprop.server"),
+        "server.py": ("mlaprop.cli", "mlaprop.job", "mlaprop.options"),
+    }
+    for name, forbidden in lower.items():
+        imported = _mlaprop_imports(root / name)
+        assert not {m for m in imported if m.startswith(forbidden)}, name
+    assert len((root / "runner.py").read_text().splitlines()) < 300

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import mlaprop
 from mlaprop.determinism import DeterminismResult, PromptOutcome, Variant
 from mlaprop.evalclient import EvalResult, ItemRecord
 from mlaprop.mgsm import Parser
 from mlaprop.report import (
+    SCHEMA_VERSION,
+    Reporter,
+    ReportFolderBusy,
     ReportWriter,
+    Status,
+    Summary,
     determinism_summary,
     item_json,
     mgsm_summary,
@@ -182,6 +193,7 @@ class TestSummaries:
                 "prompt_chars": 31,
                 "samples": 3,
                 "distinct": 2,
+                "max_logprob_diff": None,
                 "variants": [
                     {"count": 2, "batch_sizes": [1, 2], "text": "a"},
                     {"count": 1, "batch_sizes": [4], "text": "b"},
@@ -193,3 +205,193 @@ class TestSummaries:
         """A failed item has no extraction and no correctness, only its error."""
         row = item_json(_rec(3, se=False, rb=False, error="boom"), Parser.SIMPLE_EVALS)
         assert (row["extracted"], row["correct"], row["error"]) == (None, None, "boom")
+
+
+# ------------------------------------------------------------------------------ typed report, console sink
+
+
+def _schema() -> dict[str, Any]:
+    path = Path(mlaprop.__file__).parent / "summary.schema.json"
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def schema_problems(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
+    """The places ``value`` breaks ``schema`` (the JSON Schema subset the summary schema uses)."""
+    problems: list[str] = []
+    types = schema.get("type")
+    if types is not None:
+        allowed = {types} if isinstance(types, str) else set(types)
+        actual = _json_type(value)
+        if actual not in allowed and not (actual == "integer" and "number" in allowed):
+            return [f"{where}: {actual} is not {sorted(allowed)}"]
+    if "enum" in schema and value not in schema["enum"]:
+        problems.append(f"{where}: {value!r} not in enum")
+    if "const" in schema and value != schema["const"]:
+        problems.append(f"{where}: {value!r} != {schema['const']!r}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        problems += [f"{where}: {k} missing" for k in schema.get("required", []) if k not in value]
+        for key, item in value.items():
+            if key in props:
+                problems += schema_problems(item, props[key], f"{where}.{key}")
+            elif schema.get("additionalProperties") is False:
+                problems.append(f"{where}.{key}: not documented in the schema")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                problems += schema_problems(item, schema["additionalProperties"], f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            problems += schema_problems(item, schema["items"], f"{where}[{i}]")
+    return problems
+
+
+class TestSummarySchema:
+    """``summary.json`` is documented field by field in ``mlaprop/summary.schema.json`` (shipped in the
+    package); the typed :class:`Summary` and the schema agree."""
+
+    def test_every_field_is_documented_with_a_description(self) -> None:
+        """Each top-level property of the schema has a description, and the schema names every key of
+        ``Summary.to_json()`` (a new field without documentation fails here)."""
+        schema = _schema()
+        props = schema["properties"]
+        assert all(p.get("description") for p in props.values())
+        summary = Summary(
+            "run", "t", 0.8, "simple-evals", {"summary": "s", "items": "i"}, mlaprop_version="x"
+        )
+        assert schema_problems(summary.to_json(), schema) == []
+        assert set(summary.to_json()) <= set(props)
+        assert summary.to_json()["schema_version"] == SCHEMA_VERSION == props["schema_version"]["const"]
+
+    def test_statuses_match_the_enum(self) -> None:
+        """The schema's status enum is exactly :class:`Status`."""
+        assert _schema()["properties"]["status"]["enum"] == [s.value for s in Status]
+
+    def test_a_wrong_type_is_caught(self) -> None:
+        """The checker used on real runs (tests/test_run.py) can fail."""
+        summary = Summary("run", "t", 0.8, "simple-evals", {"summary": "s", "items": "i"}).to_json()
+        summary["exit_code"] = "zero"
+        summary["surprise"] = 1
+        assert schema_problems(summary, _schema()) == [
+            "$.exit_code: string is not ['integer', 'null']",
+            "$.surprise: not documented in the schema",
+        ]
+
+
+class TestFiles:
+    """Files the report writes."""
+
+    def test_summary_mode_follows_the_umask(self, tmp_path: Path) -> None:
+        """summary.json is 0644 under umask 022 (regression: mkstemp's 0600 hid it from CI artifact readers)."""
+        old = os.umask(0o022)
+        try:
+            with ReportWriter(tmp_path) as w:
+                w.write_summary({"status": "running"})
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
+
+    def test_second_writer_into_one_folder_is_refused(self, tmp_path: Path) -> None:
+        """Two runs into one report folder: the second is refused and the first one's items stay intact
+        (regression: interleaved items.jsonl)."""
+        with ReportWriter(tmp_path) as first:
+            first.record(_rec(0, se=True, rb=True))
+            with pytest.raises(ReportFolderBusy, match="another mlaprop run is writing into"):
+                ReportWriter(tmp_path)
+            first.record(_rec(1, se=True, rb=True))
+        lines = (tmp_path / "items.jsonl").read_text().splitlines()
+        assert [json.loads(x)["index"] for x in lines] == [0, 1]
+        ReportWriter(tmp_path).close()  # released when the first closed
+
+    def test_items_rewritten_in_question_order_with_the_question(self, tmp_path: Path) -> None:
+        """Items finish in any order; ``rewrite_items`` puts them in question order with the question."""
+        with ReportWriter(tmp_path) as w:
+            for i in (2, 0, 1):
+                w.record(_rec(i, se=True, rb=True), f"q{i}")
+            w.rewrite_items([(_rec(i, se=True, rb=True), f"q{i}") for i in (0, 1, 2)])
+            w.record(_rec(3, se=True, rb=True), "q3")
+        items = [json.loads(x) for x in (tmp_path / "items.jsonl").read_text().splitlines()]
+        assert [(i["index"], i["question"]) for i in items] == [(0, "q0"), (1, "q1"), (2, "q2"), (3, "q3")]
+        assert list(items[0])[:3] == ["qid", "index", "question"]
+
+
+class _Ascii(io.StringIO):
+    encoding = "ascii"
+
+    def write(self, s: str) -> int:
+        s.encode("ascii")  # what a real ascii stream does: UnicodeEncodeError
+        return super().write(s)
+
+
+class TestReporter:
+    """The console: one redactor for every line, streams that cannot encode '±', heartbeats."""
+
+    def test_every_line_passes_the_injected_redactor(self) -> None:
+        """say, error and the server-log stream all go through the redactor given (a by-value one here)."""
+        out, err = io.StringIO(), io.StringIO()
+        reporter = Reporter(out, err, lambda s: s.replace("hunter2", "***"))
+        reporter.say("key hunter2")
+        reporter.error("err hunter2")
+        stream = reporter.stream()
+        stream.write("log hunter2 part")
+        stream.write("ial\nnext hunter2\n")
+        assert out.getvalue() == "key ***\n"
+        assert err.getvalue() == "err ***\nlog *** partial\nnext ***\n"
+
+    def test_ascii_console_does_not_crash_on_plus_minus(self) -> None:
+        """PYTHONIOENCODING=ascii: '±' prints as '+/-' (regression: UnicodeEncodeError after a passing eval)."""
+        out = _Ascii()
+        Reporter(out, out).say("0.900 (225/250, ±0.019 s.e.) — done")
+        assert out.getvalue() == "0.900 (225/250, +/-0.019 s.e.) ? done\n"
+
+    def test_heartbeat_outside_a_terminal(self) -> None:
+        """Not a terminal: one line per period naming the stage, the elapsed time and the progress."""
+        out = io.StringIO()
+        with Reporter(out, out).heartbeat("MGSM-en", 0.05, lambda: "3/10 questions answered"):
+            time.sleep(0.18)
+        lines = out.getvalue().splitlines()
+        assert 2 <= len(lines) <= 4
+        assert all(
+            x.startswith("heartbeat: MGSM-en, ") and x.endswith(", 3/10 questions answered") for x in lines
+        )
+
+    def test_no_heartbeat_on_a_terminal_or_when_off(self) -> None:
+        """A terminal has the progress bar; 0 turns heartbeats off."""
+
+        class Tty(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        for out, every in ((Tty(), 0.01), (io.StringIO(), 0.0)):
+            with Reporter(out, out).heartbeat("x", every, lambda: ""):
+                time.sleep(0.05)
+            assert out.getvalue() == ""
+
+    def test_step_summary_is_appended(self, tmp_path: Path) -> None:
+        """With a step-summary path, finishing appends a Markdown table naming status, exit code and score."""
+        path = tmp_path / "step.md"
+        path.write_text("earlier step\n")
+        summary = Summary("run", "t", 0.8, "simple-evals", {"summary": "s.json", "items": "i"})
+        summary.status, summary.exit_code, summary.message = (
+            Status.FAIL,
+            1,
+            "verdict: FAIL - token hf_abcdefghijkl",
+        )
+        Reporter(io.StringIO(), io.StringIO(), step_summary_path=path).step_summary(summary)
+        text = path.read_text()
+        assert text.startswith("earlier step\n### mlaprop: FAIL - no MGSM score")
+        assert "| verdict | **fail** (exit code 1) |" in text
+        assert "hf_abcdefghijkl" not in text and "| report | `s.json` |" in text

@@ -1,30 +1,36 @@
-"""Tests for the main job (`mlaprop.runner`) against the simulated SGLang server on the real MGSM-en data."""
+"""Tests for the main job (`mlaprop.job`) against the simulated SGLang server on the real MGSM-en data."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from mlaprop import runner, server
+from mlaprop import job, server
 from mlaprop.cli import main
 from mlaprop.environment import Environment, LaunchRequest, Vendor
+from mlaprop.evalclient import EvalResult, ItemRecord
+from mlaprop.exitcodes import ExitCode
+from mlaprop.job import evaluate, run
 from mlaprop.mgsm import load_dataset
-from mlaprop.runner import (
-    EXIT_FAIL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    EvalOptions,
-    RunOptions,
-    evaluate,
-    run,
-)
+from mlaprop.options import EvalOptions, InvalidOptions, RunOptions
+from mlaprop.report import ReportWriter
 from tests.eval_fixtures import mgsm_path
+from tests.test_report import schema_problems
+
+SCHEMA = Path(job.__file__).parent / "summary.schema.json"
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = ExitCode.OK, ExitCode.QUALITY, ExitCode.USAGE
+EXIT_INFRA, EXIT_INTERRUPTED = ExitCode.INFRASTRUCTURE, ExitCode.SIGINT
 
 ENV = Environment(vendor=Vendor.NVIDIA, arch="sm90", gpu_count=1)
 
@@ -199,14 +205,16 @@ class TestServerFailures:
     """Server failures: a clear reason and partial results on disk."""
 
     def test_server_dies_mid_eval(self, tmp_path: Path, mgsm_dir: Path) -> None:
-        """The simulated server exits after 60 requests: aborted, exit 1, what finished is kept."""
+        """The simulated server exits after 60 requests: aborted, exit 3, the ABORTED line names the log line
+        saying why, what finished is kept."""
         code = _run(tmp_path, mgsm_dir, sim_args=("--sim-die-after-requests", "60"), limit=200)
         s = _summary(tmp_path)
-        assert code == EXIT_FAIL
+        assert code == EXIT_INFRA
         assert s["status"] == "aborted"
+        assert "(server log: " in s["message"] and "RuntimeError: simulated crash after" in s["message"]
         assert s["message"].startswith("verdict: ABORTED - ")
         m = s["mgsm"]
-        assert 40 <= m["answered"] <= 60
+        assert 40 <= m["answered"] <= 60 + 16  # requests in flight when the server died may still be answered
         assert m["aborted"] == s["error"]["message"]
         assert m["answered"] + m["errors"] + m["missing"] == 200
         items = _items(tmp_path)
@@ -221,7 +229,7 @@ class TestServerFailures:
             tmp_path, mgsm_dir, sim_args=("--sim-error-every", "3", "--sim-error-status", "400"), limit=100
         )
         s = _summary(tmp_path)
-        assert (code, s["status"]) == (EXIT_FAIL, "aborted")
+        assert (code, s["status"]) == (EXIT_INFRA, "aborted")
         assert "over the 5% bound" in s["error"]["message"]
         assert s["mgsm"]["errors"] > 5
         out, err = capsys.readouterr()
@@ -262,10 +270,10 @@ class TestServerFailures:
         assert max(i["attempts"] for i in _items(tmp_path)) == 2
 
     def test_crash_at_start(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
-        """A server that exits before it is ready: exit 1, the reason (stderr's first line), no MGSM."""
+        """A server that exits before it is ready: exit 3 (infrastructure), the reason (stderr's first line), no MGSM."""
         code = _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3"))
         s = _summary(tmp_path)
-        assert (code, s["status"], s["error"]["stage"]) == (EXIT_FAIL, "server-failed", "launch")
+        assert (code, s["status"], s["error"]["stage"]) == (EXIT_INFRA, "server-failed", "launch")
         assert "exited with code 3" in s["message"]
         assert s["mgsm"] is None
         out, err = capsys.readouterr()
@@ -283,7 +291,7 @@ class TestServerFailures:
         monkeypatch.setattr(server.Server, "stop", leaky_stop)
         code = _run(tmp_path, mgsm_dir, accuracy=1.0, limit=10, determinism=False)
         s = _summary(tmp_path)
-        assert (code, s["status"], s["exit_code"]) == (EXIT_FAIL, "teardown-failed", EXIT_FAIL)
+        assert (code, s["status"], s["exit_code"]) == (EXIT_INFRA, "teardown-failed", EXIT_INFRA)
         assert s["mgsm"]["verdict"] == "pass"
         assert s["teardown_error"].startswith("1 process survived SIGKILL")
 
@@ -296,7 +304,7 @@ class TestServerFailures:
         def interrupted(*a: Any, **k: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(runner, "check_determinism", interrupted)
+        monkeypatch.setattr(job, "check_determinism", interrupted)
         assert _run(tmp_path, mgsm_dir, limit=10) == EXIT_INTERRUPTED == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "determinism")
@@ -309,7 +317,7 @@ class TestServerFailures:
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any
     ) -> None:
         """Ctrl-C after 5 MGSM answers: summary.json holds the partial MGSM summary (regression: ``null``)."""
-        real = runner.run_mgsm
+        real = job.run_mgsm
 
         def run_mgsm(*a: Any, on_record: Any, **k: Any) -> Any:
             seen: list[Any] = []
@@ -322,7 +330,7 @@ class TestServerFailures:
 
             return real(*a, on_record=record, **k)
 
-        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        monkeypatch.setattr(job, "run_mgsm", run_mgsm)
         assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40) == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"], s["error"]["stage"]) == ("interrupted", 130, "mgsm")
@@ -338,7 +346,7 @@ class TestServerFailures:
         def terminated(*a: Any, **k: Any) -> Any:
             raise server.Terminated(signal.SIGTERM)
 
-        monkeypatch.setattr(runner, "check_determinism", terminated)
+        monkeypatch.setattr(job, "check_determinism", terminated)
         with pytest.raises(server.Terminated) as info:
             _run(tmp_path, mgsm_dir, limit=5)
         assert info.value.code == 143
@@ -373,7 +381,7 @@ class TestServerFailures:
         def run_mgsm(*a: Any, **k: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(runner, "run_mgsm", run_mgsm)
+        monkeypatch.setattr(job, "run_mgsm", run_mgsm)
         assert evaluate("http://127.0.0.1:1", _opts(tmp_path, mgsm_dir, limit=7)) == 130
         s = _summary(tmp_path)
         assert (s["status"], s["exit_code"]) == ("interrupted", 130)
@@ -428,10 +436,11 @@ class TestCommandLine:
         assert "simple-evals parser (gates): 1.000 (30/30, ±0.000 s.e., 95% CI 0.886-1.000)" in out
         assert "determinism: pass:" in out
         assert "verdict: PASS - MGSM-en 1.000 (30/30" in out
+        assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
 
     def test_eval_against_running_server(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """``eval --base-url`` scores a server someone else started, and reports it."""
-        sim = (*runner.SIMSERVER_COMMAND,)
+        sim = (*job.SIMSERVER_COMMAND,)
         args = ["--sim-dataset", str(mgsm_path(mgsm_dir)), "--sim-accuracy", "0.5"]
         with server.launch(model="m", command_prefix=sim, extra_args=args, ready_timeout=20, grace=2) as srv:
             code = main(
@@ -451,6 +460,7 @@ class TestCommandLine:
         assert s["mgsm"]["scores"]["simple-evals"]["correct"] == 125
         assert s["determinism"] is None
         assert "verdict: FAIL - MGSM-en 0.500 (125/250" in capsys.readouterr().out
+        assert schema_problems(s, json.loads(SCHEMA.read_text())) == []
 
     def test_evaluate_dataset_error(self, tmp_path: Path) -> None:
         """A dataset error in ``eval`` is exit 2."""
@@ -539,7 +549,7 @@ class TestUsageErrors:
             def denied(*a: Any, **k: Any) -> Any:
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(runner, "ReportWriter", denied)
+            monkeypatch.setattr(job, "ReportWriter", denied)
         argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
         code, out, err = self._cli(capsys, [*argv, "--limit", "3", "--no-progress"])
         assert (code, out) == (EXIT_USAGE, "")
@@ -596,42 +606,40 @@ class TestUsageErrors:
     @pytest.mark.parametrize(
         ("change", "match"),
         [
-            ({"batch_sizes": ()}, "--batch-sizes must list whole numbers from 1 to 1024, got (none)"),
-            ({"batch_sizes": (0, 0)}, "--batch-sizes must list whole numbers from 1 to 1024, got 0,0"),
-            ({"prefix_lengths": (0,)}, "--prefix-lengths must be between 1 and"),
-            ({"request_timeout_s": float("nan")}, "request_timeout_s must be a finite number of seconds > 0"),
-            ({"limit": 0}, "--limit must be >= 1, got 0"),
+            ({"batch_sizes": ()}, "--batch-sizes: expected one or more batch sizes from 1 to 1024"),
+            ({"batch_sizes": (0, 0)}, "--batch-sizes: expected one or more batch sizes from 1 to 1024"),
+            ({"prefix_lengths": (0,)}, "--prefix-lengths: expected lengths between 1 and"),
+            (
+                {"request_timeout_s": float("nan")},
+                "--request-timeout: expected a finite number of seconds > 0",
+            ),
+            ({"limit": 0}, "--limit: expected a number >= 1, got 0"),
+            ({"gate": 1.5}, "--gate: expected a number between 0 and 1, got 1.5"),
+            ({"report_dir": " "}, "--report-dir: the path is empty"),
         ],
     )
     def test_library_options(
-        self,
-        tmp_path: Path,
-        mgsm_dir: Path,
-        monkeypatch: Any,
-        capsys: Any,
-        change: dict[str, Any],
-        match: str,
+        self, tmp_path: Path, mgsm_dir: Path, change: dict[str, Any], match: str
     ) -> None:
-        """``run()`` refuses impossible options before writing or launching anything."""
-        _no_launch(monkeypatch)
-        opts = _opts(tmp_path, mgsm_dir, **change)
-        assert run(RunOptions(environment=ENV, simulate=True), opts) == EXIT_USAGE
-        assert capsys.readouterr().err.startswith(f"mlaprop: error: {match}")
-        assert not (tmp_path / "report").exists()
+        """``EvalOptions`` refuses impossible values when built, with the flag and the CLI's message (the
+        rule is written once, in :mod:`mlaprop.options`)."""
+        with pytest.raises(InvalidOptions) as info:
+            _opts(tmp_path, mgsm_dir, **change)
+        assert str(info.value).startswith(match)
 
     @pytest.mark.parametrize(
-        "change",
-        [{"ready_timeout_s": 0.0}, {"ready_timeout_s": float("nan")}, {"sim_latency_s": float("inf")}],
+        ("change", "match"),
+        [
+            ({"ready_timeout_s": 0.0}, "--ready-timeout: expected a finite number of seconds > 0"),
+            ({"ready_timeout_s": float("nan")}, "--ready-timeout: expected a finite number of seconds > 0"),
+            ({"sim_latency_s": float("inf")}, "--sim-latency: expected a finite number of seconds >= 0"),
+        ],
     )
-    def test_library_run_options(
-        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any, change: dict[str, Any]
-    ) -> None:
+    def test_library_run_options(self, change: dict[str, Any], match: str) -> None:
         """Impossible ``RunOptions`` too (regression: a ``ValueError`` traceback from the launcher)."""
-        _no_launch(monkeypatch)
-        code = run(RunOptions(environment=ENV, simulate=True, **change), _opts(tmp_path, mgsm_dir))
-        assert code == EXIT_USAGE
-        err = capsys.readouterr().err
-        assert err.startswith("mlaprop: error: --") and "must be a number of seconds" in err
+        with pytest.raises(InvalidOptions) as info:
+            RunOptions(environment=ENV, simulate=True, **change)
+        assert str(info.value).startswith(match)
 
     def test_dataset_of_another_language(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
@@ -704,8 +712,9 @@ class TestDatasetEncodings:
         assert (code, m["scores"]["simple-evals"]["correct"], m["answered"]) == (EXIT_OK, 3, 3)
 
 
-class TestSecondUserPass:
-    """Regressions from the second fresh-user pass."""
+class TestVerdictAndKeyHandling:
+    """Failed gates name their cause on stderr; batch sizes are bounded; keys an HTTP header cannot carry are
+    refused; URL credentials never reach the report."""
 
     def test_failed_gate_names_its_cause_on_stderr(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """A failed gate exits 1 and its verdict line is on stderr as well as stdout."""
@@ -769,3 +778,224 @@ class TestSecondUserPass:
         TestUsageErrors._cli(capsys, argv)
         text = (tmp_path / "e" / "summary.json").read_text()
         assert "pw1234" not in text and "http://***@127.0.0.1:1" in text
+
+
+class TestCIView:
+    """What a CI job sees: exit code per failure class, a truthful and documented summary.json with
+    provenance, items in question order, heartbeats, the step summary, and the ``MLAPROP_*`` defaults."""
+
+    def test_summary_matches_its_schema_with_provenance(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A finished run's summary.json passes the shipped schema and carries host, versions, finish time
+        and retry counts (5xx retries included)."""
+        code = _run(
+            tmp_path,
+            mgsm_dir,
+            accuracy=1.0,
+            sim_args=("--sim-error-every", "10"),
+            limit=20,
+            determinism=False,
+        )
+        s = _summary(tmp_path)
+        assert code == EXIT_OK
+        assert schema_problems(s, json.loads(SCHEMA.read_text())) == []
+        p = s["provenance"]
+        assert p["host"] and p["mlaprop_version"] == s["mlaprop_version"] and p["simulated"] is True
+        assert {
+            "gpu_model",
+            "gpu_driver",
+            "cuda_version",
+            "rocm_version",
+            "torch_version",
+            "sglang_installed",
+        } <= set(p)
+        assert s["finished_at"] >= s["started_at"] and s["ended_by_signal"] is None
+        assert s["mgsm"]["retries"]["requests_retried"] >= 1
+        assert s["mgsm"]["retries"]["extra_attempts"] >= s["mgsm"]["retries"]["requests_retried"]
+
+    def test_failed_start_matches_the_schema(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A server that never started: still a valid summary (error section, no MGSM), exit 3."""
+        assert _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3")) == EXIT_INFRA == 3
+        assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
+
+    def test_items_in_question_order_with_the_question(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """16 requests in flight finish in any order; items.jsonl is in question order with the question."""
+        assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40, determinism=False) == EXIT_OK
+        items = _items(tmp_path)
+        questions = [row.question for row in load_dataset(mgsm_path(mgsm_dir)).items[:40]]
+        assert [i["index"] for i in items] == list(range(40))
+        assert [i["question"] for i in items] == questions
+
+    def test_determinism_error_is_infrastructure(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """A determinism check that could not finish (status ERROR) exits 3, a FAIL exits 1."""
+        result = EvalResult("en", 0, (), 0.0, "m")
+        opts = _opts(tmp_path, mgsm_dir, gated=False)
+        error = SimpleNamespace(passed=False, status="ERROR", reason="server died")
+        fail = SimpleNamespace(passed=False, status="FAIL", reason="2 distinct outputs")
+        rec = _opts(tmp_path, mgsm_dir)
+        assert job.decide(result, error, opts).exit_code == ExitCode.INFRASTRUCTURE  # type: ignore[arg-type]
+        assert job.decide(result, fail, rec).exit_code == ExitCode.QUALITY  # type: ignore[arg-type]
+
+    def test_heartbeat_lines_outside_a_terminal(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """Not on a terminal, a heartbeat line names the stage and the progress every period."""
+        code = _run(tmp_path, mgsm_dir, limit=8, concurrency=1, determinism=False, heartbeat_s=0.05)
+        assert code in (EXIT_OK, EXIT_FAIL)
+        beats = [x for x in capsys.readouterr().out.splitlines() if x.startswith("heartbeat: ")]
+        assert any(x.startswith("heartbeat: MGSM-en, ") and "questions answered" in x for x in beats)
+
+    def test_heartbeat_during_server_start(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A slow server start (0.4 s of simulated imports) gets heartbeat lines too."""
+        code = _run(
+            tmp_path,
+            mgsm_dir,
+            limit=2,
+            determinism=False,
+            heartbeat_s=0.05,
+            sim_args=("--sim-import-delay", "0.4"),
+        )
+        assert code in (EXIT_OK, EXIT_FAIL)
+        out = capsys.readouterr().out
+        assert "heartbeat: server start-up, 0 s, not ready yet" in out
+
+    def test_secret_values_are_masked_everywhere(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """The value of a secret-named variable is masked by value in the console, summary, items and the
+        server log, even where no secret flag name stands beside it."""
+        secret = "plainvalue123"
+        argv = ["run", "--simulate", "--limit", "3", "--sim-accuracy", "1", "--determinism", "off"]
+        argv += ["--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(tmp_path / "report")]
+        argv += ["--server-log", "--served-model", secret, f"--server-args=--served-model-name {secret}"]
+        assert main(argv, environ={"SERVICE_TOKEN": secret}) == EXIT_OK
+        console = capsys.readouterr()
+        report = tmp_path / "report"
+        files = [(report / f).read_text() for f in ("summary.json", "items.jsonl", "server.log")]
+        texts = [console.out, console.err, *files]
+        assert all(secret not in t for t in texts)
+        assert "--served-model-name ***" in (report / "summary.json").read_text()
+
+    def test_environment_defaults_and_step_summary(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """``MLAPROP_DATASET`` / ``MLAPROP_REPORT_DIR`` are the CLI's defaults (regression: only the GPU
+        tests read them), and ``GITHUB_STEP_SUMMARY`` gets a Markdown summary."""
+        step = tmp_path / "step.md"
+        environ = {
+            "MLAPROP_DATASET": str(mgsm_path(mgsm_dir)),
+            "MLAPROP_REPORT_DIR": str(tmp_path / "from-env"),
+            "GITHUB_STEP_SUMMARY": str(step),
+        }
+        argv = [
+            "run",
+            "--simulate",
+            "--limit",
+            "5",
+            "--sim-accuracy",
+            "1",
+            "--determinism",
+            "off",
+            "--no-progress",
+        ]
+        assert main(argv, environ=environ) == EXIT_OK
+        s = json.loads((tmp_path / "from-env" / "summary.json").read_text())
+        assert s["dataset"]["path"] == str(mgsm_path(mgsm_dir))
+        assert "| verdict | **pass** (exit code 0) |" in step.read_text()
+
+    def test_second_run_into_a_busy_folder_is_refused(
+        self, tmp_path: Path, mgsm_dir: Path, capsys: Any
+    ) -> None:
+        """A report folder another run is writing into: exit 2 before launch, the other run's files kept."""
+        with ReportWriter(tmp_path / "report") as other:
+            other.record(_item(0))
+            code = _run(tmp_path, mgsm_dir, limit=3)
+        assert code == EXIT_USAGE
+        assert "another mlaprop run is writing into" in capsys.readouterr().err
+        assert len(_items(tmp_path)) == 1
+
+
+def _item(index: int) -> Any:
+    return ItemRecord(f"mgsm_en_{index:03d}", index, "1", "1", "1", "1", True, True, None, 0.1, 1, "stop", 1)
+
+
+def _cli_process(argv: list[str], **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlaprop.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+@pytest.mark.slow
+class TestSignals:
+    """A real process, a real signal: the summary says how the job ended, never ``running``."""
+
+    def _start(self, tmp_path: Path, mgsm_dir: Path, **env: str) -> tuple[subprocess.Popen[str], Path]:
+        report = tmp_path / "r"
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        argv += ["--sim-latency", "0.2", "--concurrency", "2", "--limit", "200", "--no-progress"]
+        proc = _cli_process(argv, **env)
+        _wait_for(report / "items.jsonl", "mgsm_en_")
+        return proc, report
+
+    def test_sighup_is_recorded(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """SIGHUP during the eval: torn down, exit 129, status interrupted (regression: left at running)."""
+        proc, report = self._start(tmp_path, mgsm_dir)
+        proc.send_signal(signal.SIGHUP)
+        proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert (proc.returncode, s["status"], s["exit_code"], s["ended_by_signal"]) == (
+            129,
+            "interrupted",
+            129,
+            "SIGHUP",
+        )
+
+    def test_sigterm_during_eval_is_recorded(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """``mlaprop eval`` (no launcher of its own) on SIGTERM: exit 143 and the summary says so."""
+        sim = (*job.SIMSERVER_COMMAND,)
+        args = ["--sim-dataset", str(mgsm_path(mgsm_dir)), "--sim-latency", "0.2"]
+        report = tmp_path / "e"
+        with server.launch(model="m", command_prefix=sim, extra_args=args, ready_timeout=20, grace=2) as srv:
+            argv = ["eval", "--base-url", srv.base_url, "--dataset", str(mgsm_path(mgsm_dir))]
+            proc = _cli_process([*argv, "--report-dir", str(report), "--concurrency", "2", "--no-progress"])
+            _wait_for(report / "items.jsonl", "mgsm_en_")
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert (proc.returncode, s["status"], s["exit_code"], s["ended_by_signal"]) == (
+            143,
+            "interrupted",
+            143,
+            "SIGTERM",
+        )
+
+    @pytest.mark.parametrize("gap_s", [0.0, 0.05, 0.15])
+    def test_double_ctrl_c_is_recorded(self, tmp_path: Path, mgsm_dir: Path, gap_s: float) -> None:
+        """Two Ctrl-C in a row (during teardown, or after the report was final): the process ends 130 and
+        the summary says so, naming SIGINT (regression: killed by the second signal, -2, while the summary
+        said 130)."""
+        proc, report = self._start(tmp_path, mgsm_dir)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap_s)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        s = json.loads((report / "summary.json").read_text())
+        assert proc.returncode == s["exit_code"] == 130
+        assert (s["status"], s["ended_by_signal"]) == ("interrupted", "SIGINT")
+
+    def test_ascii_console(self, tmp_path: Path, mgsm_dir: Path) -> None:
+        """PYTHONIOENCODING=ascii: the run passes and prints '+/-' (regression: UnicodeEncodeError on '±')."""
+        report = tmp_path / "a"
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--report-dir", str(report)]
+        argv += ["--limit", "5", "--sim-accuracy", "1", "--determinism", "off"]
+        proc = _cli_process(argv, PYTHONIOENCODING="ascii")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "+/-0.000 s.e." in out

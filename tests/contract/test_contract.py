@@ -181,7 +181,9 @@ class TestSweep:
         policy = [v for v in sweep if v.kind is Kind.POLICY_REFUSAL]
         assert policy, "the sweep forces the deterministic flag on AMD: expected policy refusals"
         amd = [v for v in policy if DETERMINISTIC_FLAG in v.request.extra_args]
-        allowed = {b.value for b in capabilities_for(policy[0].environment.sglang_version).deterministic_backends}
+        allowed = {
+            b.value for b in capabilities_for(policy[0].environment.sglang_version).deterministic_backends
+        }
         assert amd and {v.sglang_backend for v in amd} <= allowed
         rest = [v for v in policy if v not in amd]
         assert all(
@@ -288,7 +290,9 @@ def test_b200_upstream_test(sglang: SGLang) -> None:
     verdict = check(sglang, B200, UPSTREAM)
     assert verdict.kind is Kind.PLAN_AGREES, str(verdict)
     v = Version(sglang.version)
-    v054 = v < Version("0.5.5")  # deterministic fallback flashinfer for every model, radix cache just disabled
+    v054 = v < Version(
+        "0.5.5"
+    )  # deterministic fallback flashinfer for every model, radix cache just disabled
     assert verdict.sglang_backend == ("flashinfer" if v054 else "triton")
     explicit = "--attention-backend" in verdict.argv
     assert explicit is (Version("0.5.5") <= v < Version("0.5.12")), verdict.argv

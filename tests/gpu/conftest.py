@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from mlaprop.ci import envbool
 from mlaprop.detect import detect_environment
-from mlaprop.environment import DEFAULT_MODEL, Environment, Vendor
-from mlaprop.preflight import preflight
+from mlaprop.environment import DEFAULT_MODEL, Environment, InvalidEnvironment, Vendor
+from mlaprop.preflight import PreflightError, hf_offline, preflight
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,52 @@ class GpuConfig:
     dataset: str | None
     report_dir: Path
     ready_timeout_s: float
+    tp: int = 1
+    offline: bool = False
+
+
+def _positive_int(name: str, value: str | None, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        pytest.fail(f"{name}={value!r} is not a whole number >= 1 (e.g. {name}=2)", pytrace=False)
+    return number
+
+
+def _fraction(name: str, value: str | None, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        pytest.fail(f"{name}={value!r} is not a score between 0 and 1 (e.g. {name}=0.8)", pytrace=False)
+    return number
+
+
+def _positive_float(name: str, value: str | None, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0:
+        pytest.fail(f"{name}={value!r} is not a number > 0", pytrace=False)
+    return number
 
 
 @pytest.fixture
 def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
     """Settings for this test's vendor (its ``nvidia`` / ``amd`` marker), after the preflight passed.
 
-    In smoke mode the model is the tiny MLA FP8 model written under ``tmp_path``."""
+    In smoke mode the model is the tiny MLA FP8 model written under ``tmp_path``. Every refusal fails the
+    test with its cause on the first line (``PreflightError: wrong GPU vendor ...``), never a traceback."""
     vendor = Vendor.NVIDIA if request.node.get_closest_marker("nvidia") else Vendor.AMD
     env = os.environ
     expect = env.get("MLAPROP_EXPECT_VENDOR")
@@ -47,22 +86,41 @@ def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
         )
     smoke = envbool(env.get("MLAPROP_SMOKE"))
     simulate = envbool(env.get("MLAPROP_SIMULATE"))
+    tp = _positive_int("MLAPROP_TP", env.get("MLAPROP_TP"), 1)
+    threshold = _fraction("MLAPROP_THRESHOLD", env.get("MLAPROP_THRESHOLD"), 0.8)
+    ready_timeout_s = _positive_float("MLAPROP_READY_TIMEOUT", env.get("MLAPROP_READY_TIMEOUT"), 600.0)
+    try:
+        server_args = tuple(shlex.split(env.get("MLAPROP_SERVER_ARGS", "")))
+    except ValueError as exc:
+        pytest.fail(
+            f"MLAPROP_SERVER_ARGS is not valid shell quoting ({exc}): close every quote", pytrace=False
+        )
     model = env.get("MLAPROP_MODEL") or DEFAULT_MODEL
     if smoke:
         from mlaprop.tinymodel import write_tiny_mla
 
         model = str(write_tiny_mla(tmp_path / "tiny-mla-fp8"))
-    environment = detect_environment()
-    preflight(environment, expect=vendor, model=model, need_sglang=not simulate, environ=env)
+    try:
+        environment = detect_environment()
+        if simulate and tp > environment.gpu_count:
+            # the simulated platform has as many GPUs as the plan asks for (as `mlaprop compose --tp N`
+            # previews); real runs keep the detected count, so compose refuses a tp above it
+            environment = replace(environment, gpu_count=tp)
+        preflight(environment, expect=vendor, model=model, need_sglang=not simulate, environ=env)
+    except (PreflightError, InvalidEnvironment) as exc:
+        pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+    offline, _ = hf_offline(env)
     return GpuConfig(
         vendor=vendor,
         environment=environment,
         model=model,
-        server_args=tuple(shlex.split(env.get("MLAPROP_SERVER_ARGS", ""))),
-        threshold=float(env.get("MLAPROP_THRESHOLD") or 0.8),
+        server_args=server_args,
+        threshold=threshold,
         smoke=smoke,
         simulate=simulate,
         dataset=env.get("MLAPROP_DATASET") or None,
         report_dir=Path(env.get("MLAPROP_REPORT_DIR") or f"mlaprop-report/gpu-{vendor.value}"),
-        ready_timeout_s=float(env.get("MLAPROP_READY_TIMEOUT") or 600),
+        ready_timeout_s=ready_timeout_s,
+        tp=tp,
+        offline=offline,
     )

@@ -1,0 +1,7 @@
+"""``python -m mlaprop.cli``."""
+
+import sys
+
+from mlaprop.cli import main
+
+sys.exit(main())
