@@ -35,6 +35,8 @@ CHOICES_KEPT = (
     "kv_cache_dtype",
     "prefill_attention_backend",
     "decode_attention_backend",
+    "rl_on_policy_target",
+    "load_format",
 )
 DATA = Path(__file__).resolve().parent.parent / "mlaprop" / "data" / "sglang_options.json"
 

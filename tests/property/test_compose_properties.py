@@ -8,7 +8,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import assume, event, example, given
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from mlaprop.args import option_table, read_server_args
@@ -433,6 +433,7 @@ class TestSGLangSpellings:
     """Properties over extra arguments drawn from each version's real option table (prefixes, ``=`` forms,
     aliases, repeats)."""
 
+    @settings(deadline=None)  # argparse over ~500 options: slow on a loaded 2-core machine, not a target
     @given(data=st.data(), version=S.versions, env=S.environments(Vendor.AMD))
     def test_no_spelling_brings_deterministic_inference_to_amd(self, data, version, env):
         """On AMD, whatever SGLang spelling of whatever options the user adds, compose refuses or returns a
@@ -449,6 +450,7 @@ class TestSGLangSpellings:
         event("plan checked")
         assert not plan.deterministic and not plan.server_args.deterministic, (extra, plan.argv)
 
+    @settings(deadline=None)
     @given(data=st.data(), version=S.versions, env=S.nvidia_without_amd_signal())
     def test_plan_reading_matches_the_users_reading(self, data, version, env):
         """On NVIDIA the plan, read as SGLang reads it, keeps the user's last value of every option it does not
