@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from mlaprop.args import read_server_args
 from mlaprop.capabilities import Capabilities, backend_runs_on
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
@@ -101,6 +102,14 @@ def _effective_tp(argv: tuple[str, ...]) -> int:
     return max(tp, 1)
 
 
+def _user_deterministic(request: LaunchRequest, version: str) -> bool:
+    """The user's extra arguments turn deterministic inference on as SGLang reads them (any spelling)."""
+    try:
+        return read_server_args(request.extra_args, version).deterministic
+    except ValueError:
+        return DETERMINISTIC_FLAG in request.extra_args
+
+
 def _hardware(environment: Environment) -> Vendor:
     """The vendor whose kernels run: AMD whenever SGLang sees ROCm (``is_hip``)."""
     return Vendor.AMD if environment.vendor is Vendor.AMD or environment.torch_hip else Vendor.NVIDIA
@@ -165,7 +174,7 @@ def check(
                 sglang_backend=outcome.backend,
                 **common,
             )
-        if amd_signals(environment) and DETERMINISTIC_FLAG in request.extra_args:
+        if amd_signals(environment) and _user_deterministic(request, environment.sglang_version):
             return Verdict(
                 Kind.POLICY_REFUSAL,
                 f"mlaprop refuses the deterministic flag where an AMD signal is present; SGLang resolves "
