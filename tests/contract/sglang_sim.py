@@ -369,6 +369,8 @@ class SGLang:
                     f"{sorted(live - known)}; add them to tests/contract/sglang_sim.py Platform.facts()"
                 )
         else:
+            with contextlib.suppress(ImportError):  # 0.5.15-0.5.19: imported lazily by the resolution
+                importlib.import_module("sglang.srt.arg_groups.overrides")
             self._legacy_probes = self._discover_legacy_probes()
         #: 0.5.4 fills the MLA default and switches fa3 + fp8_e5m2 to triton at start-up (model_runner), not
         #: in server_args: that step is applied after SGLang's argument pipeline (:func:`_model_runner_0_5_4`).
@@ -518,7 +520,8 @@ class SGLang:
 
                     with self._parser_for_prepare():
                         args = self.server_args.prepare_server_args(full)
-                    with override_platform(**facts):
+                    # arg_groups modules of 0.5.15+ also call probes they imported by name
+                    with override_platform(**facts), self._legacy_platform(facts):
                         args.resolve_once()
 
                     def read(name: str) -> Any:
@@ -551,15 +554,24 @@ class SGLang:
 
     @contextlib.contextmanager
     def _legacy_platform(self, facts: Mapping[str, Any]) -> Iterator[None]:
-        saved = {name: getattr(self.server_args, name) for name in self._legacy_probes}
+        # 0.5.15-0.5.19 moved parts of the resolution to srt/arg_groups/*.py, which import the same probes
+        # by name: patch them there too.
+        modules = [self.server_args] + [
+            m
+            for n, m in sorted(sys.modules.items())
+            if n.startswith("sglang.srt.arg_groups.") and m is not None
+        ]
+        saved = [
+            (m, name, getattr(m, name)) for m in modules for name in self._legacy_probes if hasattr(m, name)
+        ]
         try:
-            for name, fact in self._legacy_probes.items():
-                value = False if fact == "_false" else facts[fact]
-                setattr(self.server_args, name, _constant(value))
+            for module, name, _ in saved:
+                fact = self._legacy_probes[name]
+                setattr(module, name, _constant(False if fact == "_false" else facts[fact]))
             yield
         finally:
-            for name, original in saved.items():
-                setattr(self.server_args, name, original)
+            for module, name, original in saved:
+                setattr(module, name, original)
 
 
 def _model_runner_0_5_4(backend: str | None, kv: str, tp: int, facts: Mapping[str, Any]) -> str | None:
