@@ -359,10 +359,13 @@ class SGLang:
         self.version: str = importlib.import_module("sglang.version").__version__
         self.has_override_platform = hasattr(self.server_args.ServerArgs, "resolve_once")
         self._legacy_probes: dict[str, str] = {}
+        self._live_facts: set[str] = set()
         if self.has_override_platform:
             rc = importlib.import_module("sglang.srt.runtime_context")
             known = set(Platform(True, False, 9, 0, (12, 8), True).facts())
             live = set(getattr(rc, "_PLATFORM_PROBES", {})) | set(getattr(rc, "_PLATFORM_VALUES", {}))
+            #: the facts this version's override_platform accepts (0.5.19 has no is_mps / is_sm110)
+            self._live_facts = live
             if live - known:
                 raise SimulationGap(
                     f"SGLang {self.version}'s override_platform knows facts this simulation does not set: "
@@ -521,7 +524,10 @@ class SGLang:
                     with self._parser_for_prepare():
                         args = self.server_args.prepare_server_args(full)
                     # arg_groups modules of 0.5.15+ also call probes they imported by name
-                    with override_platform(**facts), self._legacy_platform(facts):
+                    accepted = {
+                        k: v for k, v in facts.items() if not self._live_facts or k in self._live_facts
+                    }
+                    with override_platform(**accepted), self._legacy_platform(facts):
                         args.resolve_once()
 
                     def read(name: str) -> Any:
