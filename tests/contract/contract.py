@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from mlaprop.args import read_server_args
-from mlaprop.capabilities import Capabilities, backend_runs_on
+from mlaprop.capabilities import Capabilities, backend_runs_on, capabilities_for
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
     FP4_KV_CACHE_DTYPES,
@@ -171,6 +171,19 @@ def check(
                 Kind.POLICY_REFUSAL,
                 f"mlaprop does not compose FP4 KV caches; SGLang's argument pipeline resolves {outcome.backend} "
                 "(their prefill/decode backend rules are checked only at start-up)",
+                sglang_backend=outcome.backend,
+                **common,
+            )
+        caps = capabilities_for(environment.sglang_version)
+        tokenspeed = request.attention_backend is AttentionBackend.TOKENSPEED_MLA
+        if (
+            tokenspeed
+            and caps.alias_of(AttentionBackend.TOKENSPEED_MLA) is not AttentionBackend.TOKENSPEED_MLA
+        ):
+            return Verdict(
+                Kind.POLICY_REFUSAL,
+                f"mlaprop refuses tokenspeed_mla with {request.kv_cache_dtype} KV: SGLang {caps.version} runs it as "
+                f"cutedsl_mla and silently switches the KV cache to fp8_e4m3 (resolves {outcome.backend})",
                 sglang_backend=outcome.backend,
                 **common,
             )
