@@ -143,13 +143,19 @@ def step_summary_markdown(summary: Mapping[str, Any], title: str = "mlaprop") ->
         lines.append(
             f"| answered / errors | {_cell(mgsm.get('answered'))} of {_cell(mgsm.get('n_total'))}, "
             f"{_cell(mgsm.get('errors'))} errors"
-            + ("" if retries is None else f", {_cell(retries)} retries")
+            + (
+                f", {_cell(retries.get('requests_retried'))} requests retried "
+                f"({_cell(retries.get('extra_attempts'))} extra attempts)"
+                if isinstance(retries, Mapping)
+                else ("" if retries is None else f", {_cell(retries)} retries")
+            )
             + " |"
         )
     det = summary.get("determinism")
     det_text = determinism_status(summary)
     if isinstance(det, Mapping) and det.get("reason"):
-        det_text = f"{det_text}: {det.get('reason')}"
+        reason = str(det.get("reason"))  # it already starts with "pass: " / "fail: " / "error: "
+        det_text = reason if reason.startswith(f"{det_text}:") else f"{det_text}: {reason}"
     lines.append(f"| determinism check | {_cell(det_text)} |")
     for label, key in (
         ("attention backend", "attention backend"),

@@ -122,6 +122,8 @@ def parse_items(lines: Iterable[str], parser: str, source: str = "items.jsonl") 
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise InvalidRun(f"{source}:{number}: not an item (JSON nested too deeply)") from None
         except ValueError as exc:
             raise InvalidRun(
                 f"{source}:{number}: not JSON ({exc.args[0] if exc.args else exc}); the file is damaged, "
@@ -229,7 +231,9 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
     argv = plan.get("argv")
     server_args = plan.get("server_args") if isinstance(plan.get("server_args"), Mapping) else {}
     assert isinstance(server_args, Mapping)
-    tp = server_args.get("tp_size") or _option(argv, "--tp-size", "--tp", "--tensor-parallel-size") or 1
+    tp = server_args.get("tp_size") or _option(argv, "--tp-size", "--tp", "--tensor-parallel-size")
+    if tp is None and isinstance(argv, list):
+        tp = 1  # a plan without the flag: SGLang's default (no plan: not recorded)
     kv = server_args.get("kv_cache_dtype") or _option(argv, "--kv-cache-dtype")
     gpu = _find(prov, "gpu", "name") or _find(prov, "gpu", "model") or _find(prov, "gpu")
     if isinstance(gpu, Mapping):
@@ -244,7 +248,10 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
         "CUDA": _text(_find(prov, "cuda") or env.get("cuda_version")),
         "ROCm": _text(_find(prov, "rocm") or _find(prov, "hip")),
         "torch": _text(_find(prov, "torch")),
-        "SGLang installed": _text(_find(prov, "sglang")),
+        # exact key first: the fuzzy match would take sglang_rules when SGLang is not installed
+        "SGLang installed": _text(
+            prov["sglang_installed"] if "sglang_installed" in prov else _find(prov, "sglang")
+        ),
         "SGLang rules": _text(plan.get("sglang_version") or env.get("sglang_version")),
         "attention backend": _text(plan.get("resolved_attention_backend") or plan.get("attention_backend")),
         "deterministic": _text(plan.get("deterministic")),
@@ -489,6 +496,20 @@ def compare_runs(
         )
     differences += _provenance_differences(a.summary, b.summary)
     warnings: list[str] = []
+    for label, r in (("A", a), ("B", b)):
+        status = r.summary.get("status")
+        if status in ("running", "interrupted", "aborted", "server-failed", "error"):
+            warnings.append(
+                f"run {label} did not finish (status {status}"
+                + (": still running, or its process was killed" if status == "running" else "")
+                + "): only the questions it answered are paired"
+            )
+    same = [(_get(r.summary, "report", "summary"), r.summary.get("started_at")) for r in (a, b)]
+    if None not in same[0] and same[0] == same[1]:
+        warnings.append(
+            f"A and B are the same run (report {same[0][0]}, started {same[0][1]}), or copies of it: "
+            "nothing was compared with another run"
+        )
     sha_a, sha_b = _get(a.summary, "dataset", "sha256"), _get(b.summary, "dataset", "sha256")
     if sha_a and sha_b and sha_a != sha_b:
         warnings.append(

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlaprop.cli.common import one_line_errors
 from mlaprop.compare import (
     InvalidRun,
     RunRecord,
@@ -82,12 +83,15 @@ def load_run(path: str | os.PathLike[str], parser: str | None = None, need_items
         summary = json.loads(text)
     except ValueError as exc:
         raise InvalidRun(f"{summary_path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidRun(f"{summary_path}: not an mlaprop summary.json (JSON nested too deeply)") from None
     if not isinstance(summary, dict) or not ({"mgsm", "plan", "status"} & set(summary)):
         raise InvalidRun(f"{summary_path}: not an mlaprop summary.json (no status, plan or mgsm)")
     items_path = summary_path.parent / ITEMS_FILE
     if not items_path.is_file():
         named = summary.get("report", {}).get("items") if isinstance(summary.get("report"), dict) else None
-        items_path = Path(named) if isinstance(named, str) else items_path
+        if isinstance(named, str) and _same_run(summary, Path(named).parent / SUMMARY_FILE):
+            items_path = Path(named)
     marked_by = parser or gating_parser(summary)
     if items_path.is_file():
         items = parse_items(_read_text(items_path).splitlines(), marked_by, str(items_path))
@@ -99,6 +103,17 @@ def load_run(path: str | os.PathLike[str], parser: str | None = None, need_items
     else:
         items = ()
     return RunRecord(name=str(summary_path), summary=summary, items=items)
+
+
+def _same_run(summary: Mapping[str, Any], other: Path) -> bool:
+    """``other`` (the summary beside the items a summary names) is the same run: a later run into that
+    folder replaced the items, which must not be read as this run's."""
+    try:
+        theirs = json.loads(_read_text(other))
+    except (InvalidRun, ValueError, RecursionError):
+        return False
+    keys = ("started_at", "command")
+    return isinstance(theirs, dict) and all(theirs.get(k) == summary.get(k) for k in keys)
 
 
 def find_reports(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -121,6 +136,16 @@ def find_reports(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise InvalidRun(f"{p}: no such file or folder")
     return list(dict.fromkeys(x.resolve() for x in found))
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _alpha(text: str) -> float:
@@ -197,11 +222,14 @@ def add_compare(sub: Subparsers, help: str = "compare two runs on the same quest
         "--alpha", type=_alpha, default=DEFAULT_ALPHA, help="significance level (default: %(default)s)"
     )
     p.add_argument("--json", action="store_true", help="print JSON (every flipped question)")
-    p.add_argument("--max-flips", type=int, default=50, metavar="N", help="flipped questions listed (text)")
+    p.add_argument(
+        "--max-flips", type=_count, default=50, metavar="N", help="flipped questions listed (text), >= 0"
+    )
     p.add_argument(
         "--fail-if-worse", action="store_true", help="exit 1 when B scores significantly lower than A"
     )
     p.set_defaults(func=_cmd_compare)
+    one_line_errors(p)  # the cause first, no usage block, as every other command
 
 
 def add_table(
@@ -224,6 +252,7 @@ def add_table(
     )
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=_cmd_table)
+    one_line_errors(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

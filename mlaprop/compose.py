@@ -295,10 +295,14 @@ def _read_user_args(request: LaunchRequest, version: str) -> tuple[ServerArgs, l
         said = user.spelled(opt.name)
         said = f" ({said})" if said else ""
         if opt.name in LAUNCHER_OWNED:
+            fix = (
+                "pass the model with mlaprop's --model"
+                if opt.name == "--model-path"
+                else "the launcher serves on 127.0.0.1, on a free port it picks itself; leave it out"
+            )
             raise InvalidEnvironment(
                 f"{opt.name}{said} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
-                "unique prefixes such as --por as the full option): pass the model with mlaprop's --model; the "
-                "launcher picks a free port on 127.0.0.1 itself"
+                f"unique prefixes such as --por as the full option): {fix}"
             )
         if opt.name in REFUSED:
             raise InvalidEnvironment(f"{opt.name}{said} cannot be an extra argument: {REFUSED[opt.name]}")

@@ -432,7 +432,11 @@ def detect_environment(
     evidence = AmdEvidence()
     if vendor is None or not arch or hardware_speaks:
         hw = probe()
-        notes.append(f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}")
+        notes.append(
+            f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}"
+            if hw.vendor is not Vendor.NONE
+            else "hardware probe: no GPU found by torch, nvidia-smi or rocminfo"  # was "none: none - x0"
+        )
     if hardware_speaks:
         evidence = amd_probe(env)
         if vendor_override or arch_override:

@@ -7,9 +7,10 @@ code   meaning
 1      quality failure: the gate failed or was inconclusive, or determinism FAILED
 2      usage or environment error found before any server was launched (bad flag, dataset, plan)
 3      infrastructure failure: the server did not start, died, the eval aborted, teardown failed,
-       or the determinism check could not finish (ERROR)
+       or the determinism check could not finish (ERROR); also an unexpected crash of mlaprop itself
 130    interrupted by SIGINT (Ctrl-C), 128 + 2
 143    terminated by SIGTERM, 128 + 15 (SIGHUP: 129)
+141    stdout's reader went away (``mlaprop compose | head -1``), 128 + SIGPIPE, as a shell tool
 =====  ==========================================================================================
 """
 
@@ -29,6 +30,7 @@ class ExitCode(enum.IntEnum):
     INFRASTRUCTURE = 3
     SIGINT = 130
     SIGTERM = 143
+    BROKEN_PIPE = 141
 
 
 def signal_exit_code(signum: int) -> int:

@@ -31,14 +31,23 @@ from pathlib import Path
 
 from mlaprop import __version__
 from mlaprop import server as srv
+from mlaprop.canary import CanaryError, compare_with_reference, ensure_canary, reference_answers
 from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import detect_environment
 from mlaprop.determinism import DeterminismResult, check_determinism
 from mlaprop.environment import Environment, InvalidEnvironment, LaunchPlan, LaunchRequest, option_value
-from mlaprop.evalclient import ClientConfig, EvalAborted, EvalResult, ItemRecord, run_mgsm
+from mlaprop.evalclient import (
+    ClientConfig,
+    EvalAborted,
+    EvalResult,
+    ItemRecord,
+    default_concurrency,
+    fetch_server_info,
+    run_mgsm,
+)
 from mlaprop.exitcodes import ExitCode
 from mlaprop.mgsm import DatasetUnavailable, InvalidDataset, MgsmDataset, Parser, resolve_dataset
-from mlaprop.options import SMOKE_SERVER_ARGS, EvalOptions, RunOptions
+from mlaprop.options import SMOKE_SERVER_ARGS, EvalOptions, RunOptions, SmokeModel
 from mlaprop.options import base_url as check_base_url
 from mlaprop.planview import environment_to_dict, plan_to_dict
 from mlaprop.preflight import PreflightError, preflight
@@ -56,7 +65,7 @@ from mlaprop.report import (
     determinism_status,
     determinism_summary,
     mgsm_summary,
-    redact_file,
+    reference_summary,
     with_secrets,
 )
 from mlaprop.stats import Verdict
@@ -64,13 +73,16 @@ from mlaprop.tinymodel import TinyModelError, write_tiny_mla
 
 __all__ = [
     "SIMSERVER_COMMAND",
+    "SMOKE_STAGE",
     "JobRecord",
     "Outcome",
     "ServerOptions",
     "decide",
     "evaluate",
+    "reference_stage",
     "run",
     "server_options",
+    "smoke_model_stage",
     "smoke_request",
 ]
 
@@ -104,11 +116,13 @@ def server_options(argv: Sequence[str], sglang_version: str) -> ServerOptions:
     )
 
 
-def smoke_request(request: LaunchRequest, model_dir: Path, sglang_version: str = "") -> LaunchRequest:
-    """The request served in smoke mode: the tiny model at ``model_dir`` with ``--load-format dummy`` (a
-    user ``--load-format`` wins)."""
+def smoke_request(
+    request: LaunchRequest, model_dir: Path, sglang_version: str = "", *, dummy: bool = True
+) -> LaunchRequest:
+    """The request served in smoke mode: the tiny model at ``model_dir``; with ``dummy`` (no weight files)
+    also ``--load-format dummy`` (a user ``--load-format`` wins), else SGLang's real weight loading."""
     extra = request.extra_args
-    if server_options(extra, sglang_version).load_format is None:
+    if dummy and server_options(extra, sglang_version).load_format is None:
         extra = (*SMOKE_SERVER_ARGS, *extra)
     return replace(request, model=str(model_dir), extra_args=extra)
 
@@ -246,12 +260,13 @@ def _sigint_deferred() -> Iterator[None]:
 
 def _exit_code_of(exc: BaseException) -> int:
     """The status a process ends with when ``exc`` ends it: 130 for Ctrl-C, a ``SystemExit``'s code (143
-    for :class:`mlaprop.server.Terminated`), 1 for a traceback."""
+    for :class:`mlaprop.server.Terminated`), 3 for an unexpected exception (a crash of mlaprop itself says
+    nothing about the model's quality, so a CI retry policy must not read it as exit 1)."""
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.SIGINT
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else ExitCode.QUALITY)
-    return ExitCode.QUALITY
+    return ExitCode.INFRASTRUCTURE
 
 
 def _report_dir_problem(path: Path, exc: OSError) -> str:
@@ -324,6 +339,8 @@ def eval_mgsm(
     """
     opts = job.opts
     n = len(dataset) if opts.limit is None else min(len(dataset), opts.limit)
+    if opts.concurrency is None:  # one wave, as the gate sends it, within the server's own limit
+        config = replace(config, concurrency=default_concurrency(n, fetch_server_info(base_url, config)))
     job.say(
         f"MGSM-{dataset.lang}: {n} questions, concurrency {config.concurrency}, "
         f"gate {opts.gate:g} by the {Parser(opts.parser).value} parser"
@@ -344,6 +361,7 @@ def eval_mgsm(
                 is_alive=is_alive,
                 on_record=job.record,
                 limit=opts.limit,
+                notice=job.say,
             )
     except EvalAborted as exc:
         job.step("mgsm", since)
@@ -476,6 +494,9 @@ def _aborted(job: JobRecord, exc: EvalAborted, tail: Sequence[str], *, server_di
     if server_died:
         cause = next((line.strip() for line in reversed(tail) if _LOG_CAUSE.search(line)), None)
     why = f"{exc.reason} (server log: {cause})" if cause else exc.reason
+    first = next(iter(m.get("first_errors") or ()), None)
+    if not cause and isinstance(first, Mapping) and first.get("error"):  # the cause, not only the count
+        why = f"{why}; first error ({first.get('qid', '?')}): {first['error']}"
     return job.finish(Status.ABORTED, EXIT_INFRA, f"verdict: ABORTED - {why} ({done})", error=True)
 
 
@@ -500,6 +521,89 @@ def _dataset_stage(job: JobRecord, opts: EvalOptions) -> MgsmDataset | None:
     return dataset
 
 
+#: The stage that writes or fetches the smoke model (``error.stage`` and ``timings_s`` key).
+SMOKE_STAGE = "smoke_model"
+
+
+def smoke_model_stage(job: JobRecord, run_opts: RunOptions, dataset: MgsmDataset) -> Path:
+    """Stage *smoke_model*: the model folder smoke mode serves (:class:`~mlaprop.options.SmokeModel`).
+
+    ``canary``: :func:`mlaprop.canary.ensure_canary` (cached, or trained now on this machine's GPU);
+    ``random``: real-scale random block-FP8 weights written into the report folder; ``dummy``: no weights
+    (served with ``--load-format dummy``). With the simulated server the weights are never read, so a
+    ``dummy`` folder stands in for every choice (no torch or GPU needed) and the simulator answers.
+    The summary's ``smoke`` section records the choice.
+
+    Raises:
+        mlaprop.canary.CanaryError: the canary cannot be built here (no torch, no GPU, misses its
+            reference check).
+        mlaprop.tinymodel.TinyModelError: ``tokenizers`` (or, for ``random``, torch) missing.
+    """
+    choice = run_opts.smoke_model
+    gated = job.opts.gated
+    job.summary.smoke = {
+        "model": choice.value,
+        "path": None,
+        "gated": gated,
+        "simulated": run_opts.simulate,
+        "reference": None,
+    }
+    if run_opts.simulate:
+        path = write_tiny_mla(job.opts.report_dir / "tiny-mla-fp8")
+        job.say(f"smoke: {choice} model (the simulated server stands in; no weights read) at {path}")
+    elif choice is SmokeModel.CANARY:
+        job.say("smoke: the canary (trained MLA FP8 model): from the cache, or trained now on this GPU")
+        path = ensure_canary(dataset.path, log=lambda line: job.say(f"  canary: {line}"))
+        job.say(f"smoke: the canary at {path}; real weight loading, gate {job.opts.gate:g}")
+    elif choice is SmokeModel.RANDOM:
+        path = write_tiny_mla(job.opts.report_dir / "tiny-mla-fp8", weights="random")
+        job.say(f"smoke: tiny MLA FP8 model (real-scale random weights) at {path}; score reported, not gated")
+    else:
+        path = write_tiny_mla(job.opts.report_dir / "tiny-mla-fp8")
+        job.say(f"smoke: tiny MLA FP8 model (--load-format dummy) at {path}; score reported, not gated")
+    job.summary.smoke["path"] = str(path)
+    job.save()
+    return path
+
+
+def _canary_failed(job: JobRecord, exc: CanaryError) -> int:
+    """The canary could not be had: a missing reference check is infrastructure (3), anything else (no
+    torch, no GPU) is the runner's setup (2, with the fix in the message)."""
+    if "reference forward" in str(exc):
+        code, status = EXIT_INFRA, Status.ERROR
+    else:
+        code, status = ExitCode.USAGE, Status.ERROR
+    hint = "" if code == EXIT_INFRA else "; or pick another smoke model: --smoke-model random|dummy"
+    message = f"mlaprop: error: CanaryError: {exc}{hint}"
+    return job.fail(SMOKE_STAGE, exc, status, code, message)
+
+
+def reference_stage(job: JobRecord, run_opts: RunOptions, model_dir: Path, result: EvalResult) -> None:
+    """After the eval on the canary: the server's answers against the reference forward's, per question,
+    into the summary's ``smoke.reference`` and one printed line. Nothing for other smoke models or the
+    simulated server (no reference to compare with)."""
+    if run_opts.smoke_model is not SmokeModel.CANARY or run_opts.simulate or job.summary.smoke is None:
+        return
+    answers = {
+        r.qid: (r.response, r.extracted_simple_evals)  # the reference is read by simple-evals
+        for r in result.records
+        if r.response is not None
+    }
+    try:
+        reference = reference_answers(model_dir)
+        agreement = compare_with_reference(model_dir, answers)
+    except CanaryError as exc:  # the folder changed under us: report, do not fail the eval
+        job.say(f"canary: no reference comparison ({exc})")
+        return
+    job.summary.smoke["reference"] = reference_summary(agreement, answers, reference)
+    job.save()
+    job.say(
+        f"canary: server agrees with the reference forward on {agreement.same_answer}/{agreement.total} "
+        f"answers ({agreement.same_text} identical texts)"
+        + (f"; differ: {', '.join(agreement.differing[:8])}" if agreement.differing else "")
+    )
+
+
 # ------------------------------------------------------------------------------------------ the jobs
 
 
@@ -518,12 +622,12 @@ def evaluate(base_url: str, opts: EvalOptions, *, reporter: Reporter | None = No
     if job is None:
         return ExitCode.USAGE
     try:
+        job.summary.provenance = collect_provenance(None, simulated=False)
         dataset = _dataset_stage(job, opts)
         if dataset is None:
             return ExitCode.USAGE
         job.add_secrets([opts.api_key, *_secret_values(None)])
         job.summary.server = ServerInfo(base_url)
-        job.summary.provenance = collect_provenance(None, simulated=False)
         config = opts.client_config()
         try:
             result = eval_mgsm(job, base_url, dataset, config, None)
@@ -588,18 +692,30 @@ def _sim_args(env: Environment, dataset: MgsmDataset, run_opts: RunOptions) -> l
 
 
 def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
+    job.summary.provenance = collect_provenance(None, simulated=run_opts.simulate)  # refined after detect
     dataset = _dataset_stage(job, opts)
     if dataset is None:
         return ExitCode.USAGE
+    smoke_dir: Path | None = None
+    if run_opts.smoke:
+        since = time.monotonic()
+        job.stage = SMOKE_STAGE
+        try:
+            smoke_dir = smoke_model_stage(job, run_opts, dataset)
+        except CanaryError as exc:
+            return _canary_failed(job, exc)
+        except TinyModelError as exc:
+            message = f"mlaprop: error: TinyModelError: {exc}"
+            return job.fail(SMOKE_STAGE, exc, Status.ERROR, ExitCode.USAGE, message)
+        job.step(SMOKE_STAGE, since)
     since = time.monotonic()
     job.stage = "compose"
     try:
         env = detect(run_opts)
         request = run_opts.request
-        if run_opts.smoke:
-            model_dir = write_tiny_mla(opts.report_dir / "tiny-mla-fp8")
-            request = smoke_request(request, model_dir, env.sglang_version)
-            job.say(f"smoke: tiny MLA FP8 model (random weights) at {model_dir}; score reported, not gated")
+        if smoke_dir is not None:
+            dummy = run_opts.smoke_model is SmokeModel.DUMMY
+            request = smoke_request(request, smoke_dir, env.sglang_version, dummy=dummy)
         env_view = environment_to_dict(env)
         job.summary.environment = {
             k: env_view[k] for k in ("vendor", "arch", "gpu_count", "sglang_version", "notes")
@@ -607,7 +723,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         job.summary.provenance = collect_provenance(env, simulated=run_opts.simulate)
         plan = compose_plan(env, request, run_opts)
         job.summary.plan = plan_to_dict(plan)
-    except (InvalidEnvironment, UnsupportedCombination, PreflightError, TinyModelError) as exc:
+    except (InvalidEnvironment, UnsupportedCombination, PreflightError) as exc:
         message = f"mlaprop: error: {type(exc).__name__}: {exc}"
         return job.fail("compose", exc, Status.ERROR, ExitCode.USAGE, message)
     job.step("compose", since)
@@ -648,6 +764,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
                         echo=job.reporter.stream() if run_opts.echo_server_log else False,
                         ready_timeout=run_opts.ready_timeout_s,
                         grace=run_opts.grace_s,
+                        redactor=job.reporter.redactor,
                     )
                 )
             job.step("launch", since)
@@ -662,6 +779,8 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
             except EvalAborted as exc:
                 code = _aborted(job, exc, server.log_tail(5), server_died=not server.alive())
             else:
+                if run_opts.smoke and smoke_dir is not None:
+                    reference_stage(job, run_opts, smoke_dir, result)
                 det = determinism(job, server.base_url, config, server.alive) if wants_det else None
                 outcome = decide(result, det, opts)
                 if det is not None and determinism_status(det) == "error":  # infrastructure: cause + log tail
@@ -684,7 +803,6 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
     except srv.ServerError as exc:  # could not start (teardown failures are handled above)
         job.step("launch", since)
         message = f"mlaprop: the server failed: {exc.headline}"
+        if isinstance(exc, srv.ServerStartTimeout):  # the fix, on the same line, for a server only slow
+            message += "; if it is only slow to load, raise --ready-timeout (MLAPROP_READY_TIMEOUT in tox)"
         return job.fail("launch", exc, Status.SERVER_FAILED, EXIT_INFRA, message)
-    finally:
-        with contextlib.suppress(OSError):  # the raw log holds what the server printed, secrets included
-            redact_file(log_path, job.reporter.redactor)

@@ -354,7 +354,9 @@ def _read_bounded(p: Path, lang: str, limit: int = MAX_DATASET_BYTES) -> bytes:
     try:
         fd = os.open(p, flags)
     except FileNotFoundError:
-        raise InvalidDataset(p, None, "no such file", "Check the path given to --dataset.") from None
+        raise InvalidDataset(
+            p, None, "no such file", "Check the path given to --dataset (or MLAPROP_DATASET, its default)."
+        ) from None
     except IsADirectoryError:
         raise InvalidDataset(
             p, None, "is a directory", f"Give the TSV file itself, e.g. {p / f'mgsm_{lang}.tsv'}."

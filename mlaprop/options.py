@@ -8,6 +8,7 @@ and what to pass.
 
 from __future__ import annotations
 
+import enum
 import math
 import shlex
 import urllib.parse
@@ -18,19 +19,22 @@ from typing import TypeVar
 
 from mlaprop.determinism import DEFAULT_BATCH_SIZES, DEFAULT_PREFIX_LENGTHS, LONG_PROMPT
 from mlaprop.environment import Environment, LaunchRequest
-from mlaprop.evalclient import ClientConfig
+from mlaprop.evalclient import GATE_CONCURRENCY, ClientConfig
 from mlaprop.exitcodes import UsageError
 from mlaprop.mgsm import LANGUAGES, Parser
 from mlaprop.stats import DEFAULT_GATE
 
 __all__ = [
+    "CANARY_GATE",
     "DEFAULT_HEARTBEAT_S",
     "MAX_BATCH_SIZE",
+    "SMOKE_MODEL_VARIABLE",
     "SMOKE_QUESTIONS",
     "SMOKE_SERVER_ARGS",
     "EvalOptions",
     "InvalidOptions",
     "RunOptions",
+    "SmokeModel",
     "base_url",
     "batch_sizes",
     "fraction",
@@ -40,6 +44,7 @@ __all__ = [
     "prefix_lengths",
     "report_dir",
     "shell_words",
+    "smoke_model",
 ]
 
 #: The largest determinism batch: enough to show batch dependence, small enough to finish in bounded time.
@@ -48,10 +53,39 @@ MAX_BATCH_SIZE = 1024
 SMOKE_SERVER_ARGS: tuple[str, ...] = ("--load-format", "dummy")
 #: Questions scored in smoke mode unless ``--limit`` says otherwise.
 SMOKE_QUESTIONS = 16
+#: The smoke gate on the canary: measured 250/250 on the H200 (SGLang 0.5.11) with the smallest
+#: reference logit margin 8.27, so a correct stack scores 1.0; 0.98 leaves 5 questions for a tie broken the
+#: other way by a legitimate kernel difference, and a broken kernel scores far below it.
+CANARY_GATE = 0.98
+#: Environment variable choosing the smoke model (``canary``, ``random``, ``dummy``).
+SMOKE_MODEL_VARIABLE = "MLAPROP_SMOKE_MODEL"
 #: Seconds between heartbeat lines outside a terminal (readiness, eval, determinism).
 DEFAULT_HEARTBEAT_S = 30.0
 
 _T = TypeVar("_T")
+
+
+class SmokeModel(str, enum.Enum):
+    """What smoke mode serves.
+
+    - ``canary``: the trained canary (:mod:`mlaprop.canary`), real weight loading, gated at
+      :data:`CANARY_GATE` over all questions, answers compared with its reference forward.
+    - ``random``: real-scale random block-FP8 weights (:func:`mlaprop.tinymodel.write_tiny_mla`), real weight
+      loading, not gated (it shows batch dependence to the determinism check).
+    - ``dummy``: no weights, ``--load-format dummy``, not gated (the server starts and answers).
+    """
+
+    CANARY = "canary"
+    RANDOM = "random"
+    DUMMY = "dummy"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @property
+    def gated(self) -> bool:
+        """The score decides the verdict (only the canary knows the answers)."""
+        return self is SmokeModel.CANARY
 
 
 class InvalidOptions(UsageError):
@@ -148,6 +182,19 @@ def report_dir(value: object) -> Path:
     return Path(value) if not isinstance(value, Path) else value  # type: ignore[arg-type]
 
 
+def smoke_model(value: str) -> SmokeModel:
+    """``--smoke-model`` / ``MLAPROP_SMOKE_MODEL``: ``canary``, ``random`` or ``dummy`` (case-insensitive).
+
+    Raises:
+        ValueError: another value (the message lists the choices).
+    """
+    try:
+        return SmokeModel(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in SmokeModel)
+        raise ValueError(f"expected one of {choices}, got {value!r}") from None
+
+
 def shell_words(value: object) -> tuple[str, ...]:
     """One shell-quoted string split into words (a tuple of words is taken as is)."""
     if isinstance(value, (tuple, list)):
@@ -202,7 +249,8 @@ class EvalOptions:
         parser: the extractor whose score gates (both are always reported).
         gate: the score to reach, 0..1.
         limit: only the first ``limit`` questions (``None``: all 250).
-        concurrency: requests in flight, >= 1.
+        concurrency: requests in flight, >= 1 (``None``: every question in one wave, up to
+            :data:`mlaprop.evalclient.GATE_CONCURRENCY`, capped by the server's ``max_running_requests``).
         request_timeout_s: per-request read timeout, seconds > 0.
         max_error_rate: stop once failed requests pass this share of the questions, 0..1.
         report_dir: where ``summary.json`` and ``items.jsonl`` go.
@@ -225,7 +273,7 @@ class EvalOptions:
     parser: Parser = Parser.SIMPLE_EVALS
     gate: float = DEFAULT_GATE
     limit: int | None = None
-    concurrency: int = 64
+    concurrency: int | None = None
     request_timeout_s: float = 600.0
     max_error_rate: float = 0.05
     report_dir: Path = Path("mlaprop-report")
@@ -245,7 +293,8 @@ class EvalOptions:
         object.__setattr__(self, "gate", _check("--gate", fraction, self.gate))
         if self.limit is not None:
             _check("--limit", positive_int, self.limit)
-        _check("--concurrency", positive_int, self.concurrency)
+        if self.concurrency is not None:
+            _check("--concurrency", positive_int, self.concurrency)
         _check("--request-timeout", positive_seconds, self.request_timeout_s)
         _check("--max-error-rate", fraction, self.max_error_rate)
         object.__setattr__(self, "report_dir", _check("--report-dir", report_dir, self.report_dir))
@@ -261,7 +310,7 @@ class EvalOptions:
     def client_config(self, api_key: str | None = None) -> ClientConfig:
         """The client settings these options imply (``api_key``: the plan's, used when none is set here)."""
         return ClientConfig(
-            concurrency=self.concurrency,
+            concurrency=self.concurrency or GATE_CONCURRENCY,
             request_timeout_s=self.request_timeout_s,
             max_error_rate=self.max_error_rate,
             api_key=self.api_key or api_key,
@@ -287,8 +336,8 @@ class RunOptions:
         grace_s: seconds between SIGTERM and SIGKILL at teardown, >= 0.
         echo_server_log: mirror the server log (redacted) to stderr.
         preflight: check GPU, SGLang and model before launching (real runs only).
-        smoke: write a tiny random-weight MLA FP8 model (:mod:`mlaprop.tinymodel`) into the report folder and
-            serve it with ``--load-format dummy`` instead of the request's model.
+        smoke: serve a tiny MLA FP8 model instead of the request's model (which one: ``smoke_model``).
+        smoke_model: the smoke model (:class:`SmokeModel`; default the canary).
 
     Raises:
         InvalidOptions: a value is out of range; the message names the flag.
@@ -307,6 +356,7 @@ class RunOptions:
     echo_server_log: bool = False
     preflight: bool = True
     smoke: bool = False
+    smoke_model: SmokeModel = SmokeModel.CANARY
 
     def __post_init__(self) -> None:
         _check("--sim-accuracy", fraction, self.sim_accuracy)
@@ -314,3 +364,4 @@ class RunOptions:
         object.__setattr__(self, "sim_args", _check("--sim-args", shell_words, self.sim_args))
         _check("--ready-timeout", positive_seconds, self.ready_timeout_s)
         _check("teardown grace", non_negative_seconds, self.grace_s)
+        object.__setattr__(self, "smoke_model", SmokeModel(self.smoke_model))

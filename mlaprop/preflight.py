@@ -44,10 +44,14 @@ def check_gpu(environment: Environment, expect: Vendor | None) -> None:
         PreflightError: no GPU found, every device hidden by the masks, or a vendor other than ``expect``.
     """
     if environment.vendor is Vendor.NONE:
+        nvidia, amd = (
+            "`mlaprop compose --vendor nvidia --arch sm90`",
+            "`mlaprop compose --vendor amd --arch gfx942`",
+        )
+        preview = nvidia if expect is Vendor.NVIDIA else amd if expect is Vendor.AMD else f"{nvidia} or {amd}"
         raise PreflightError(
             f"no GPU found: expected {'an ' + str(expect).upper() if expect else 'a'} GPU, but torch, nvidia-smi "
-            "and rocminfo saw none.\nRun on a GPU runner, or preview the plan with "
-            "`mlaprop compose --vendor amd --arch gfx942`."
+            f"and rocminfo saw none.\nRun on a GPU runner, or preview the plan with {preview}."
         )
     if expect is not None and environment.vendor is not expect:
         other = "gpu-nvidia" if environment.vendor is Vendor.NVIDIA else "gpu-amd"
@@ -81,8 +85,8 @@ def check_sglang_importable(find_spec: Callable[[str], object] = importlib.util.
         raise PreflightError(
             f"SGLang is not importable from {sys.executable}.\nInstall it in this environment "
             "(pip install 'sglang[all]'), or run the tox env with the GPU image's Python, whose SGLang the "
-            "gpu-* envs reuse through system_site_packages; if SGLang lives in a venv, put that venv's "
-            "site-packages on PYTHONPATH (the gpu-* envs pass it through)."
+            "gpu-* envs reuse through system_site_packages; if SGLang lives in a venv (such as "
+            "/opt/torch/.venv), set MLAPROP_PYTHON to that venv's python for `tox -e gpu-nvidia` / `gpu-amd`."
         )
 
 

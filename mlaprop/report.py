@@ -35,7 +35,8 @@ from mlaprop.determinism import DeterminismResult
 from mlaprop.evalclient import EvalResult, ItemRecord, percentile
 from mlaprop.mgsm import MgsmDataset, Parser
 from mlaprop.provenance import Provenance
-from mlaprop.redact import MASK, redact, redact_argv
+from mlaprop.redact import Redactor as ValueRedactor
+from mlaprop.redact import redact, redact_argv
 from mlaprop.stats import DEFAULT_GATE, Score
 
 __all__ = [
@@ -75,18 +76,16 @@ Redactor = Callable[[str], str]
 
 
 def with_secrets(redactor: Redactor, secrets: Iterable[str | None]) -> Redactor:
-    """``redactor`` that first masks each known secret value wherever it appears (a key in a log line with
-    no flag name beside it). Values shorter than 4 characters are left to ``redactor`` (masking them would
-    mangle ordinary text). The by-value ``mlaprop.redact.Redactor(secrets)`` replaces this when it lands.
+    """``redactor`` that first masks each known secret value wherever it appears, in every encoding (bare,
+    quoted, repr'd, JSON-escaped, URL-encoded: :class:`mlaprop.redact.Redactor`). Values shorter than 4
+    characters are left to ``redactor`` (masking them would mangle ordinary text).
     """
-    values = sorted({v for v in secrets if v and len(v) >= 4}, key=len, reverse=True)
-    if not values:
+    by_value = ValueRedactor(tuple(v for v in secrets if v))
+    if not by_value.secrets:
         return redactor
 
     def masked(text: str) -> str:
-        for value in values:
-            text = text.replace(value, MASK)
-        return redactor(text)
+        return redactor(by_value.mask_values(text))
 
     return masked
 
@@ -194,6 +193,7 @@ class Summary:
     server: ServerInfo | None = None
     mgsm: dict[str, Any] | None = None
     determinism: dict[str, Any] | None = None
+    smoke: dict[str, Any] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     finished_at: str | None = None
     ended_by_signal: str | None = None
@@ -223,6 +223,7 @@ class Summary:
             "server": self.server.to_json() if self.server is not None else None,
             "mgsm": self.mgsm,
             "determinism": self.determinism,
+            "smoke": self.smoke,
             "timings_s": dict(self.timings_s),
             "report": dict(self.report),
             "error": self.error.to_json() if self.error is not None else None,
@@ -231,6 +232,30 @@ class Summary:
         if self.teardown_error is not None:
             data["teardown_error"] = self.teardown_error
         return data
+
+
+def reference_summary(
+    agreement: Any, answers: Mapping[str, tuple[str, str]], reference: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``summary.json``'s ``smoke.reference``: the server's answers against the canary's reference forward
+    (``agreement``: a :class:`mlaprop.canary.ReferenceAgreement`; ``answers``: qid -> (response, extracted);
+    ``reference``: :func:`mlaprop.canary.reference_answers`). Every question whose extracted answer differs
+    is listed with both answers and the reference's logit margin."""
+    return {
+        "total": agreement.total,
+        "same_answer": agreement.same_answer,
+        "same_text": agreement.same_text,
+        "rate": round(agreement.rate, 6),
+        "differing": [
+            {
+                "qid": q,
+                "server": answers[q][1],
+                "reference": str(reference[q].get("extracted", "")),
+                "margin": reference[q].get("margin"),
+            }
+            for q in agreement.differing
+        ],
+    }
 
 
 class RedactingStream(io.TextIOBase):
@@ -320,15 +345,28 @@ class Reporter:
 
     def say(self, line: str) -> None:
         """One line on ``out``."""
-        print(_encodable(self.redactor(line), self.out), file=self.out, flush=True)
+        _print(_encodable(self.redactor(line), self.out), self.out)
 
     def error(self, line: str) -> None:
         """One line on ``err``."""
-        print(_encodable(self.redactor(line), self.err), file=self.err, flush=True)
+        _print(_encodable(self.redactor(line), self.err), self.err)
 
     def stream(self) -> TextIO:
         """``err`` behind the redactor (a :class:`RedactingStream`), for the live server-log mirror."""
         return cast(TextIO, RedactingStream(self.err, self.redactor))
+
+
+def _print(line: str, stream: TextIO) -> None:
+    """``print(line)``; a reader that went away (``mlaprop run | head -3``) ends the printing, not the job:
+    the stream's descriptor is pointed at ``/dev/null`` (as Python's documentation advises for SIGPIPE),
+    and the job goes on to its verdict, teardown and report."""
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def item_json(record: ItemRecord, parser: Parser) -> dict[str, Any]:

@@ -3,28 +3,44 @@
 :func:`launch` (a context manager) and :func:`start` / :meth:`Server.stop` run ``python -m
 sglang.launch_server --model-path M --host H --port P <plan argv> <extra args>`` (the command prefix is
 configurable; tests use :mod:`mlaprop.simserver`) with the plan's environment variables merged onto this
-process's environment, in a new session and process group, with stdout and stderr appended to one log file
-(optionally mirrored, redacted, to the console).
+process's environment, in a new session and process group, with stdout and stderr, redacted, appended to one
+log file (optionally mirrored to the console).
 
 What it guarantees, and how SGLang's own ``popen_launch_server`` differs (``sglang/test/test_utils.py``):
 
-- Readiness is ``GET /health_generate`` answering 200 (``/v1/models`` can answer before the model is ready).
-  Polls start 10 ms apart and back off to ``poll_interval`` (0.1 s); each request has its own timeout and
-  runs in a helper thread while the process is checked every 50 ms, so a server that exits before it is ready
-  (any exit code, 0 included) raises :class:`ServerExited` within about 0.1 s, with its exit code and the last
-  50 log lines. SGLang polls every 10 s. A server that never becomes ready raises :class:`ServerStartTimeout`.
+- The server runs under a small watchdog process (:mod:`mlaprop.watchdog`) that is the *child subreaper* of
+  the server's tree (Linux ``PR_SET_CHILD_SUBREAPER``): a descendant that double-forks, leaves the session or
+  clears its environment is re-parented to the watchdog, not to PID 1, so the watchdog's descendants are
+  the whole tree. The watchdog holds one end of a socket pair whose other end only this process holds; when
+  this process dies by any signal, SIGKILL included, the kernel closes it and the watchdog kills the tree
+  (SIGTERM, ``grace`` seconds, SIGKILL). The server itself gets ``PR_SET_PDEATHSIG=SIGKILL`` against the
+  watchdog. SIGHUP and SIGTERM to this process raise :class:`Terminated` while :func:`launch` runs, so the
+  normal teardown runs and partial reports are written.
+- Readiness is ``GET /health_generate`` answering 200 (``/v1/models`` can answer before the model is ready)
+  *from our server*: before "ready", the socket listening on the port must belong to a process of the
+  launched tree, else :class:`ServerPortTaken` ("port N is served by PID X (cmd), not the launched
+  server"). Polls start 10 ms apart and back off to ``poll_interval`` (0.1 s); each request has its own
+  timeout and runs in a helper thread while the process is checked every 50 ms, so a server that exits
+  before it is ready (any exit code, 0 included) raises :class:`ServerExited` within about 0.1 s, with its
+  exit code and the last 50 log lines. SGLang polls every 10 s. A server that never becomes ready raises
+  :class:`ServerStartTimeout`.
 - The port is chosen at random below Linux's ephemeral range and checked bindable; ``CUDA_VISIBLE_DEVICES`` is
   never read (SGLang derives the port from its first character). A server that fails with "address already
-  in use" is torn down and relaunched on a new port, at most ``port_attempts`` times.
-- Teardown on every path (normal exit, exception, Ctrl-C, SIGTERM to this process while :func:`launch` runs):
-  SIGTERM to the process group and to every process found, ``grace`` seconds, then SIGKILL; it returns only
-  when every process is gone and the port is bindable again. "Every process" is the process group, every
-  descendant seen at any time (sampled while starting and every 0.25 s while serving), and every process
-  carrying this server's ``MLAPROP_SERVER_ID`` environment variable, which finds descendants that were
-  re-parented to PID 1 or moved to another session (SGLang walks down from the parent and misses those).
-  When the server had already exited, the leftovers get at most 0.25 s of grace.
-- The printed command, mirrored log lines and error messages are passed through :func:`mlaprop.redact.redact`.
-  The log file itself holds what the server wrote, unredacted.
+  in use" is torn down and relaunched on a new port, at most ``port_attempts`` times; the error after the
+  last attempt names the cause on its first line (relaunches are logged at INFO level, not printed).
+- Teardown on every path (normal exit, exception, Ctrl-C, SIGTERM/SIGHUP to this process while :func:`launch`
+  runs): SIGTERM to the process group and to every process found, ``grace`` seconds, then SIGKILL; it returns
+  only when every process is gone and the port is bindable again. "Every process" is every descendant of the
+  watchdog (which, as subreaper, includes re-parented ones), the server's process group and session, and
+  every descendant seen at any time (sampled every 0.25 s); no environment variable is relied on. When the
+  server had already exited, the leftovers get at most 0.25 s of grace.
+- The server's stdout and stderr reach this process through a pipe and are written to the log file
+  streaming and already redacted (:class:`mlaprop.redact.LogFilter` with a :class:`mlaprop.redact.Redactor`
+  built from every secret in the command line and the environment, plus the caller's): memory stays bounded
+  whatever the server writes (lines longer than 16 KiB are cut and marked), the mirror to the console gets
+  exactly the lines the file gets, and nothing is rewritten at teardown. The printed command and error
+  messages go through the same redactor. The price: the server's writes wait when this process cannot keep
+  up (about 100 MB/s of SGLang-like lines on one core) or the mirror stream blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import logging
 import os
 import random
 import re
+import select
 import shlex
 import signal
 import socket
@@ -44,25 +61,25 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import psutil
 import requests
 
+from mlaprop import watchdog
 from mlaprop.environment import LaunchPlan, option_value
-from mlaprop.redact import redact, redact_argv, redact_env
+from mlaprop.redact import LogFilter, Redactor, redact_argv, redact_env
 
 __all__ = [
     "DEFAULT_COMMAND_PREFIX",
-    "SERVER_ID_VARIABLE",
     "Server",
     "ServerError",
     "ServerExited",
     "ServerPortInUse",
+    "ServerPortTaken",
     "ServerStartTimeout",
     "ServerTeardownError",
     "Terminated",
@@ -77,9 +94,8 @@ _log = logging.getLogger(__name__)
 
 #: What runs the server unless told otherwise: SGLang's launcher under this Python.
 DEFAULT_COMMAND_PREFIX: tuple[str, ...] = (sys.executable, "-m", "sglang.launch_server")
-#: Environment variable set to a fresh id in every server's environment; descendants inherit it, which is
-#: how teardown finds them after they left the process group or were re-parented.
-SERVER_ID_VARIABLE = "MLAPROP_SERVER_ID"
+_WATCHDOG = Path(watchdog.__file__)
+_WATCHDOG_START = 30.0  # seconds for the watchdog to report the server's pid
 
 _TAIL_LINES = 50
 _EXIT_CHECK = 0.05  # seconds between process checks while a health request is in flight
@@ -89,9 +105,11 @@ _KILL_WAIT = 5.0  # seconds to wait for SIGKILLed processes to disappear
 _PORT_WAIT = 5.0  # seconds to wait for the port to become bindable after the processes are gone
 _PORT_RANGE = (20000, 32768)  # below Linux's default ephemeral range (32768-60999)
 _LAUNCHER_FLAGS = ("--model-path", "--model", "--host", "--port")
+_READ_CHUNK = 64 * 1024  # bytes per read of the server's output
 _PORT_CONFLICT = re.compile(
     r"(?i)address already in use|EADDRINUSE|\[Errno 98\]|error while attempting to bind"
 )
+_PORT_CONFLICT_WORDS = ("address already in use", "eaddrinuse", "[errno 98]", "attempting to bind")
 _CAUSE = re.compile(
     r"(?i)^\s*(?:\[[^\]]*\]\s*)?(?:[\w.]*(?:Error|Exception|Interrupt)\b.*|.*: error: .*|.*address already in use.*"
     r"|.*out of memory.*|.*segmentation fault.*|.*memory access fault.*)$"
@@ -117,8 +135,9 @@ class ServerError(RuntimeError):
         log_path: Path | None = None,
         log_tail: Sequence[str] = (),
         pid: int | None = None,
+        redactor: Callable[[str], str] | None = None,
     ) -> None:
-        self.headline = redact(headline)
+        self.headline = (redactor or Redactor())(headline)
         self.command = command
         self.log_path = log_path
         self.log_tail = tuple(log_tail)
@@ -152,6 +171,17 @@ class ServerPortInUse(ServerExited):
     port the caller chose (the launcher does not move a port the caller named)."""
 
 
+class ServerPortTaken(ServerPortInUse):
+    """``/health_generate`` answered, but the socket listening on the port belongs to a process outside the
+    launched tree (another server took the port first). Attributes: ``owner_pid`` (``None`` when the owner
+    cannot be seen, such as another user's process), ``owner_command``."""
+
+    def __init__(self, headline: str, *, owner_pid: int | None, owner_command: str, **kwargs: object) -> None:
+        self.owner_pid = owner_pid
+        self.owner_command = owner_command
+        super().__init__(headline, **kwargs)  # type: ignore[arg-type]
+
+
 class ServerStartTimeout(ServerError):
     """The server was still running but not ready after ``timeout`` seconds (attribute ``timeout``)."""
 
@@ -171,9 +201,10 @@ class ServerTeardownError(ServerError):
 
 
 class Terminated(SystemExit):
-    """This process received SIGTERM while :func:`raise_on_sigterm` was active (so while :func:`launch` ran).
+    """This process received SIGTERM or SIGHUP while :func:`raise_on_sigterm` was active (so while
+    :func:`launch` ran).
 
-    A ``SystemExit`` with code ``128 + signum`` (143), so ``except Exception`` does not swallow it and an
+    A ``SystemExit`` with code ``128 + signum`` (143 for SIGTERM, 129 for SIGHUP), so ``except Exception`` does not swallow it and an
     unhandled one ends the program with the conventional status, after every ``finally`` has torn down.
     """
 
@@ -240,22 +271,24 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def raise_on_sigterm() -> Iterator[None]:
-    """While active, SIGTERM to this process raises :class:`Terminated` in the main thread (so ``finally``
-    blocks and context managers tear servers down); the previous handler is restored on exit. Does nothing
-    outside the main thread (Python only runs signal handlers there)."""
+    """While active, SIGTERM and SIGHUP (a closed terminal, a CI runner's cancel) to this process raise
+    :class:`Terminated` in the main thread (so ``finally`` blocks and context managers tear servers down and
+    reports are written); the previous handlers are restored on exit. Does nothing outside the main thread
+    (Python only runs signal handlers there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (teardown must not be cut short), then re-raise the
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (teardown must not be cut short), then re-raise the
     first one received so its handler runs as usual. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -265,7 +298,7 @@ def _signals_deferred() -> Iterator[None]:
     def record(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    saved = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -278,7 +311,7 @@ def _signals_deferred() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------- logs
 
 
-def _read_tail(path: Path, n: int) -> list[str]:
+def _read_tail(path: Path, n: int, redactor: Callable[[str], str]) -> list[str]:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -288,7 +321,7 @@ def _read_tail(path: Path, n: int) -> list[str]:
     except OSError:
         return []
     lines = data.decode("utf-8", errors="replace").splitlines()
-    return [redact(line) for line in lines[-n:]] if n > 0 else []
+    return [redactor(line) for line in lines[-n:]] if n > 0 else []
 
 
 def _cause(lines: Sequence[str]) -> str:
@@ -303,53 +336,194 @@ def _cause(lines: Sequence[str]) -> str:
     return "(the log is empty)"
 
 
-class _Mirror(threading.Thread):
-    """Copies new log lines, redacted, to a stream until stopped (checks every 50 ms)."""
+@contextlib.contextmanager
+def _held(lock: threading.Lock, timeout: float = 2.0) -> Iterator[None]:
+    """Hold ``lock`` for the block, but go on without it after ``timeout`` seconds: a KeyboardInterrupt that
+    lands between a ``with lock:``'s acquire and its block leaves the lock held for ever (CPython
+    bpo-29988), and teardown must never wait on that."""
+    got = lock.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if got:
+            lock.release()
 
-    def __init__(self, path: Path, offset: int, stream: TextIO) -> None:
-        super().__init__(name="mlaprop-log-mirror", daemon=True)
-        self._path, self._offset, self._stream = path, offset, stream
+
+class _LogPump(threading.Thread):
+    """Reads the server's output from a pipe until end of file and writes it, redacted and with long lines
+    cut (:class:`mlaprop.redact.LogFilter`), to the log file and, when given, to an echo stream: the same
+    lines to both, none dropped. Memory: one read (64 KiB) plus one cut line (16 KiB). Sets
+    :attr:`port_conflict` when an "address already in use" line passes."""
+
+    def __init__(self, fd: int, log: BinaryIO, log_filter: LogFilter, echo: TextIO | None) -> None:
+        super().__init__(name="mlaprop-log-pump", daemon=True)
+        self._fd, self._log, self._filter, self._echo = fd, log, log_filter, echo
         self._stop_event = threading.Event()
+        self.port_conflict = threading.Event()
+
+    def _emit(self, out: bytes) -> None:
+        if not out:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._log.write(out)
+            self._log.flush()
+        text = out.decode("utf-8", errors="replace")
+        if not self.port_conflict.is_set():
+            low = text.lower()  # plain substring tests first: a regex over a flood costs more than the rest
+            if any(k in low for k in _PORT_CONFLICT_WORDS) and _PORT_CONFLICT.search(text):
+                self.port_conflict.set()
+        if self._echo is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._echo.write(text)
+                self._echo.flush()
 
     def run(self) -> None:
-        pending = b""
-        with open(self._path, "rb") as f:
-            f.seek(self._offset)
+        try:
             while True:
-                stopping = self._stop_event.wait(0.05)
-                pending += f.read()
-                *lines, pending = pending.split(b"\n")
-                if stopping and pending:
-                    lines, pending = [*lines, pending], b""
-                for line in lines:
-                    self._stream.write(redact(line.decode("utf-8", errors="replace")) + "\n")
-                if lines:
-                    self._stream.flush()
-                if stopping:
-                    return
+                if self._stop_event.is_set():  # drain what is there, without waiting for writers to go
+                    ready, _, _ = select.select([self._fd], [], [], 0)
+                    if not ready:
+                        break
+                else:
+                    ready, _, _ = select.select([self._fd], [], [], 0.1)
+                    if not ready:
+                        continue
+                try:
+                    data = os.read(self._fd, _READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    self._emit(self._filter.feed(data))
+                except Exception:  # never stop reading: a full pipe would block the server
+                    _log.exception("server log: %d bytes could not be written", len(data))
+            with contextlib.suppress(Exception):
+                self._emit(self._filter.close())
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            with contextlib.suppress(OSError):
+                self._log.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Wait up to ``timeout`` seconds for end of file, then drain what is readable and finish."""
+        self.join(timeout=timeout)
         self._stop_event.set()
         self.join(timeout=2.0)
 
 
-class _LogScanner:
-    """Reads a log incrementally from an offset and tells whether a pattern has appeared."""
+class _Child:
+    """The server process, seen through its watchdog: pid, exit code, signals.
 
-    def __init__(self, path: Path, offset: int) -> None:
-        self._path, self._offset, self._carry = path, offset, ""
+    The watchdog (``watchdog`` attribute, a ``Popen``) reports ``pid N`` and ``exit RC`` on ``sock``; when it
+    disappears without reporting the server's exit, the server was killed with it (``PR_SET_PDEATHSIG``) and
+    the exit code reads ``-SIGKILL``.
+    """
 
-    def seen(self, pattern: re.Pattern[str]) -> bool:
+    def __init__(self, wd: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.watchdog, self._sock = wd, sock
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._eof = False
+        self.pid: int | None = None
+        self.error: str | None = None
+        self.returncode: int | None = None
+
+    def _read(self, timeout: float) -> None:
+        if self._eof:
+            return
+        try:  # wait outside the lock: alive() from other threads must not queue behind a waiting poll
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+        except (OSError, ValueError):  # closed meanwhile
+            return
+        if not ready:
+            return
+        with _held(self._lock):
+            if self._eof:
+                return
+            try:
+                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # another thread read it first
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._eof = True
+                if self.pid is not None and self.returncode is None:
+                    self.returncode = -signal.SIGKILL
+            self._buf += data
+            *lines, self._buf = self._buf.split(b"\n")
+            for raw in lines:
+                kind, _, value = raw.decode("utf-8", errors="replace").partition(" ")
+                if kind == "pid":
+                    self.pid = int(value)
+                elif kind == "exit":
+                    self.returncode = int(value)
+                elif kind == "error":
+                    self.error = value
+
+    def wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pid is None and self.error is None and not self._eof:
+            if time.monotonic() >= deadline:
+                break
+            self._read(0.05)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._read(0.0)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline and not self._eof:
+            self._read(min(0.05, max(deadline - time.monotonic(), 0.0)))
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.pid is not None and self.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+
+    def close(self, timeout: float) -> None:
+        """Close the socket (the watchdog then kills whatever is left and exits) and reap the watchdog."""
+        self._read(0.0)  # the last news first: the server's exit code
+        with _held(self._lock):
+            self._eof = True
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        if self.pid is not None and self.returncode is None and not psutil.pid_exists(self.pid):
+            self.returncode = -signal.SIGKILL
         try:
-            with open(self._path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except OSError:
-            return False
-        self._offset += len(data)
-        text = self._carry + data.decode("utf-8", errors="replace")
-        self._carry = text[-200:]
-        return bool(pattern.search(text))
+            self.watchdog.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.watchdog.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.watchdog.wait(timeout=2.0)
+
+
+def _listens_on(conn: object, port: int) -> bool:
+    laddr = getattr(conn, "laddr", None)
+    return getattr(conn, "status", None) == psutil.CONN_LISTEN and bool(laddr) and laddr.port == port  # type: ignore[union-attr]
+
+
+def _listeners(port: int) -> list[tuple[int | None, str]]:
+    """``(pid, command)`` of every TCP socket listening on ``port`` on any address; pid ``None`` where the
+    process cannot be seen (another user's)."""
+    out: list[tuple[int | None, str]] = []
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return out
+    for c in conns:
+        if _listens_on(c, port):
+            command = "?"
+            if c.pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    command = shlex.join(psutil.Process(c.pid).cmdline()) or "?"
+            out.append((c.pid, command))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- server
@@ -384,8 +558,10 @@ class Server:
         port: its HTTP port.
         base_url: ``http://host:port``.
         pid: the server process id, which is also its process group and session id.
-        log_path: the file its stdout and stderr go to.
+        watchdog_pid: the watchdog process (the server's parent, subreaper of its tree).
+        log_path: the file its stdout and stderr go to, redacted.
         command: the command line, redacted, with the environment variables the plan added.
+        redactor: what masks secrets in the log, the command and error messages.
     """
 
     def __init__(
@@ -399,17 +575,18 @@ class Server:
         log_path: Path,
         echo: TextIO | None,
         grace: float,
+        redactor: Redactor,
         owns_log: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self.log_path = log_path
+        self.redactor = redactor
         shown_env = " ".join(f"{k}={shlex.quote(v)}" for k, v in redact_env(added_env).items())
-        self.command = (shown_env + " " if shown_env else "") + shlex.join(redact_argv(argv))
+        self.command = redactor((shown_env + " " if shown_env else "") + shlex.join(redact_argv(argv)))
         self._grace = grace
         self._owns_log = owns_log
-        self._token = env[SERVER_ID_VARIABLE]
         self._last_probe = "none"  # what the last readiness probe got, for ServerStartTimeout
         self._api_key = option_value(argv, "--api-key")
         self._started = time.monotonic()
@@ -418,29 +595,53 @@ class Server:
         self._stopped = False
         self._sampler_stop = threading.Event()
         self._sampler: threading.Thread | None = None
-        with open(log_path, "ab") as log:
-            offset = log.tell()
-            log.write(f"$ {self.command}\n".encode())
-            log.flush()
-            _log.info("starting server: %s (log: %s)", self.command, log_path)
-            try:
-                self._proc = subprocess.Popen(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=dict(env),
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise ServerError(
-                    f"could not run the server command: {exc}", command=self.command, log_path=log_path
-                ) from exc
-        self.pid = self._proc.pid
-        self._mirror = _Mirror(log_path, offset, echo) if echo is not None else None
-        if self._mirror is not None:
-            self._mirror.start()
-        self._scanner = _LogScanner(log_path, offset)
+        log = open(log_path, "ab")  # noqa: SIM115 - the pump owns and closes it
+        log.write(f"$ {self.command}\n".encode())
+        log.flush()
+        _log.info("starting server: %s (log: %s)", self.command, log_path)
+        read_fd, write_fd = os.pipe()
+        ours, theirs = socket.socketpair()
+        try:
+            wd = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_WATCHDOG), str(theirs.fileno()), repr(grace), "--", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                env=dict(env),
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # a signal to this process group (Ctrl-C, kill -PGID) spares it
+            )
+        except OSError as exc:
+            for fd in (read_fd, write_fd):
+                os.close(fd)
+            ours.close()
+            log.close()
+            raise ServerError(
+                f"could not run the watchdog ({sys.executable}): {exc}",
+                command=self.command,
+                log_path=log_path,
+                redactor=redactor,
+            ) from exc
+        finally:
+            theirs.close()
+        os.close(write_fd)
+        self._pump = _LogPump(read_fd, log, LogFilter(redactor), echo)
+        self._pump.start()
+        self._proc = _Child(wd, ours)
+        self.watchdog_pid = wd.pid
+        self._proc.wait_started(_WATCHDOG_START)
+        if self._proc.pid is None:
+            error = self._proc.error or f"the watchdog did not start it within {_WATCHDOG_START:g} s"
+            self._proc.close(timeout=5.0)
+            self._pump.stop()
+            raise ServerError(
+                f"could not run the server command: {error}",
+                command=self.command,
+                log_path=log_path,
+                log_tail=_read_tail(log_path, _TAIL_LINES, redactor),
+                redactor=redactor,
+            )
+        self.pid: int = self._proc.pid
         atexit.register(self._stop_at_exit)
 
     def __repr__(self) -> str:
@@ -465,7 +666,7 @@ class Server:
 
     def log_tail(self, n: int = _TAIL_LINES) -> list[str]:
         """The last ``n`` lines of the log, redacted."""
-        return _read_tail(self.log_path, n)
+        return _read_tail(self.log_path, n, self.redactor)
 
     def check(self) -> None:
         """Raise if the server has exited (use between requests to tell a dead server from a slow one).
@@ -498,6 +699,7 @@ class Server:
             log_path=self.log_path,
             log_tail=tail,
             pid=self.pid,
+            redactor=self.redactor,
         )
 
     def _probe(self, session: requests.Session, timeout: float) -> bool:
@@ -505,7 +707,7 @@ class Server:
         try:
             r = session.get(f"{self.base_url}/health_generate", timeout=max(timeout, 0.01), headers=headers)
         except (requests.RequestException, ValueError) as exc:  # ValueError: a header value http cannot carry
-            self._last_probe = redact(f"{type(exc).__name__}: {exc}")[:200]
+            self._last_probe = self.redactor(f"{type(exc).__name__}: {exc}")[:200]
             return False
         self._last_probe = f"HTTP {r.status_code}"
         return r.status_code == 200
@@ -520,7 +722,7 @@ class Server:
                 self._sample()
                 if (rc := self._proc.poll()) is not None:
                     raise self._exited(rc, "before it was ready")
-                if self._scanner.seen(_PORT_CONFLICT):
+                if self._pump.port_conflict.is_set():
                     tail = self.log_tail()
                     raise ServerPortInUse(
                         f"port {self.port} on {self.host} is already in use: {_cause(tail)}",
@@ -530,6 +732,7 @@ class Server:
                         log_path=self.log_path,
                         log_tail=tail,
                         pid=self.pid,
+                        redactor=self.redactor,
                     )
                 now = time.monotonic()
                 if now >= deadline:
@@ -541,6 +744,7 @@ class Server:
                     if time.monotonic() >= deadline:
                         raise self._timeout(time.monotonic())
                 if future.result():
+                    self._check_listener()
                     _log.info(
                         "server ready at %s after %.2f s", self.base_url, time.monotonic() - self._started
                     )
@@ -563,17 +767,50 @@ class Server:
             log_path=self.log_path,
             log_tail=tail,
             pid=self.pid,
+            redactor=self.redactor,
+        )
+
+    def tree(self) -> list[psutil.Process]:
+        """Every live process of the server's tree: the watchdog's descendants (the server included)."""
+        try:
+            return [p for p in psutil.Process(self.watchdog_pid).children(recursive=True) if not _gone(p)]
+        except psutil.Error:
+            return []
+
+    def _check_listener(self) -> None:
+        """Raise :class:`ServerPortTaken` unless a process of the launched tree listens on the port."""
+        tree = self.tree()
+        for p in tree:  # the usual case, cheap: one of ours listens (no scan of every process)
+            with contextlib.suppress(psutil.Error, OSError):
+                if any(_listens_on(c, self.port) for c in p.net_connections(kind="tcp")):
+                    return
+        ours = {p.pid for p in tree}
+        listeners = _listeners(self.port)
+        if not listeners or any(pid in ours for pid, _ in listeners):
+            return  # nobody visible (a platform without net_connections): trust the answer
+        pid, command = listeners[0]
+        tail = self.log_tail()
+        who = f"PID {pid} ({command[:200]})" if pid is not None else "a process this user cannot see"
+        raise ServerPortTaken(
+            f"port {self.port} is served by {who}, not the launched server (PID {self.pid}); another "
+            "program answers on it (it took the port first)",
+            owner_pid=pid,
+            owner_command=command,
+            returncode=-1,
+            elapsed=time.monotonic() - self._started,
+            command=self.command,
+            log_path=self.log_path,
+            log_tail=tail,
+            pid=self.pid,
+            redactor=self.redactor,
         )
 
     # ---- process tracking
 
     def _sample(self) -> None:
-        """Remember every current descendant of the server process."""
-        try:
-            found = psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
-            return
-        with self._lock:
+        """Remember every current process of the tree."""
+        found = self.tree()
+        with _held(self._lock):
             for p in found:
                 self._known.setdefault(_proc_key(p), p)
 
@@ -586,21 +823,21 @@ class Server:
         self._sampler.start()
 
     def _collect(self) -> list[psutil.Process]:
-        """Every live process of this server: its group, its sampled descendants, and every process whose
-        environment carries this server's id."""
+        """Every live process of this server: the watchdog's descendants, the server's process group and
+        session, and every process sampled as part of the tree before (in case the watchdog is gone)."""
         self._sample()
         me = os.getpid()
         for p in psutil.process_iter():
-            if p.pid == me:
+            if p.pid in (me, self.watchdog_pid):
                 continue
             try:
-                ours = os.getpgid(p.pid) == self.pid or p.environ().get(SERVER_ID_VARIABLE) == self._token
-            except (psutil.Error, OSError):
+                ours = self.pid in (os.getpgid(p.pid), os.getsid(p.pid))
+            except OSError:
                 continue
             if ours:
-                with self._lock:
+                with _held(self._lock):
                     self._known.setdefault(_proc_key(p), p)
-        with self._lock:
+        with _held(self._lock):
             return [p for p in self._known.values() if not _gone(p)]
 
     def _signal_all(self, sig: int, procs: Sequence[psutil.Process], group: bool) -> None:
@@ -661,9 +898,9 @@ class Server:
             grace = min(self._grace, _ORPHAN_GRACE) if exited_by_itself else self._grace
             t0 = time.monotonic()
             survivors = self._kill_all(grace)
+            self._proc.close(timeout=2.0)
             port_busy = check_port and not _wait_bindable(self.host, self.port, _PORT_WAIT)
-            if self._mirror is not None:
-                self._mirror.stop()
+            self._pump.stop()
             _log.info("server %s stopped in %.2f s", self.pid, time.monotonic() - t0)
         if not (survivors or port_busy or keep_log or exited_by_itself) and self._owns_log:
             with contextlib.suppress(OSError):
@@ -682,6 +919,7 @@ class Server:
                 log_path=self.log_path,
                 log_tail=self.log_tail(),
                 pid=self.pid,
+                redactor=self.redactor,
             )
 
     def _stop_at_exit(self) -> None:
@@ -709,6 +947,7 @@ def start(
     poll_interval: float = 0.1,
     port_attempts: int = 3,
     port_picker: Callable[[str], int] = free_port,
+    redactor: Callable[[str], str] | None = None,
 ) -> Server:
     """Start a server and wait until ``GET /health_generate`` answers 200; the caller must call
     :meth:`Server.stop` (or use the server as a context manager; :func:`launch` does both). A server still
@@ -733,10 +972,15 @@ def start(
         poll_interval: longest pause, in seconds, between health requests (they start 10 ms apart).
         port_attempts: launches allowed when the port turns out to be in use (``port=None`` only).
         port_picker: ``host -> port`` used when ``port`` is ``None``.
+        redactor: the caller's redactor (a :class:`mlaprop.redact.Redactor`, whose secrets are merged, or
+            any ``str -> str``, applied after): the server's own is built from every secret in its command
+            line and environment (:meth:`mlaprop.redact.Redactor.from_sources`) and masks the live log, the
+            command and error messages.
 
     Raises:
         ServerExited: the server exited before it was ready (exit code and log tail attached).
-        ServerPortInUse: the port stayed in use over every attempt, or ``port`` was given and is in use.
+        ServerPortInUse: the port stayed in use over every attempt, or ``port`` was given and is in use
+            (:class:`ServerPortTaken` when another program answers on it).
         ServerStartTimeout: not ready within ``ready_timeout``.
         ServerError: the command could not be run.
         ValueError: an argument is invalid (no model, the plan or extra args set ``--port``/``--host``/
@@ -763,8 +1007,11 @@ def start(
         log_file = Path(log_path)
         log_file.parent.mkdir(parents=True, exist_ok=True)
     added = {**(plan.env if plan is not None else {}), **(env or {})}
-    full_env = {**os.environ, **added, SERVER_ID_VARIABLE: uuid.uuid4().hex}
+    full_env = {**os.environ, **added}
     full_env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they are written
+    known = Redactor.from_sources(argv=[*command_prefix, *server_args], environ=full_env)
+    if redactor is not None:
+        known = known.followed_by(redactor)
     deadline = time.monotonic() + ready_timeout
     for attempt in range(1, port_attempts + 1):
         chosen = port if port is not None else port_picker(host)
@@ -778,6 +1025,7 @@ def start(
             log_path=log_file,
             echo=stream,
             grace=grace,
+            redactor=known,
             owns_log=log_path is None,
         )
         try:
@@ -786,7 +1034,8 @@ def start(
             server._teardown(check_port=False, keep_log=True)
             if port is not None or attempt == port_attempts:
                 raise
-            _log.warning("port %d in use; relaunching on another port (attempt %d)", chosen, attempt + 1)
+            # INFO, not WARNING: the first line a user sees must be the cause if every attempt fails
+            _log.info("port %d in use; relaunching on another port (attempt %d)", chosen, attempt + 1)
             continue
         except BaseException:
             server._teardown(check_port=True, keep_log=True)
@@ -815,10 +1064,11 @@ def launch(
     port_attempts: int = 3,
     port_picker: Callable[[str], int] = free_port,
     handle_sigterm: bool = True,
+    redactor: Callable[[str], str] | None = None,
 ) -> Iterator[Server]:
     """Context manager: :func:`start` a ready server, yield it, and stop it on every way out of the block.
 
-    Arguments are :func:`start`'s; with ``handle_sigterm`` (default), SIGTERM to this process raises
+    Arguments are :func:`start`'s; with ``handle_sigterm`` (default), SIGTERM or SIGHUP to this process raises
     :class:`Terminated` while the block runs (see :func:`raise_on_sigterm`). When the block raised and
     teardown also failed, the block's exception propagates (with a note naming the teardown failure).
 
@@ -842,6 +1092,7 @@ def launch(
             poll_interval=poll_interval,
             port_attempts=port_attempts,
             port_picker=port_picker,
+            redactor=redactor,
         )
         try:
             yield server

@@ -138,3 +138,26 @@ def test_append_only_where_the_variable_points(tmp_path: Path) -> None:
     text = target.read_text(encoding="utf-8")
     assert text.count("### mlaprop: FAIL") == 2
     assert "s3cret" not in text and "key *** leaked" in text
+
+
+def test_step_summary_as_a_real_run_writes_it() -> None:
+    """Regressions from a fresh user's simulated runs: retries were printed as a Python dict, the
+    determinism reason as "pass: pass: ...", the rules' SGLang version as "SGLang installed" when SGLang is
+    not installed, and "tp 1" for a run refused before it had a plan (asked for --tp 3)."""
+    md = step_summary_markdown(
+        _summary(
+            mgsm={**_summary()["mgsm"], "retries": {"requests_retried": 2, "extra_attempts": 5}},
+            determinism={"status": "pass", "passed": True, "reason": "pass: 6 prompts, 68 samples"},
+            provenance={
+                "host": "vm",
+                "sglang_installed": None,
+                "sglang_rules": "0.5.11",
+                "torch_version": None,
+            },
+        )
+    )
+    assert "| answered / errors | 250 of 250, 0 errors, 2 requests retried (5 extra attempts) |" in md
+    assert "| determinism check | pass: 6 prompts, 68 samples |" in md
+    assert "SGLang installed" not in md and "| SGLang rules | 0.5.11 |" in md
+    refused = step_summary_markdown(_summary(status="error", exit_code=2, plan=None, mgsm=None))
+    assert "| tp |" not in refused

@@ -90,6 +90,11 @@ class TestCompose:
             (("compose", "--arch", "sm90", "--server-args", "--port 1"), "launcher"),
             (("compose", "--arch", "sm90", "--server-args", "'unbalanced"), "shell quoting"),
             (("compose", "--arch", "sm90", "--tp", "0"), ">= 1"),
+            # regression: compare and table printed argparse's usage block first
+            (("compare",), "required: A, B"),
+            (("compare", "a", "b", "--alpha", "7"), "between 0 and 1"),
+            (("table",), "required: DIR"),
+            (("compare", "a", "b", "--max-flips", "-2"), "must be >= 0"),  # listed 13 of 15, "and 17 more"
         ],
     )
     def test_errors_exit_2_with_the_cause_first(self, capsys, argv, match):  # type: ignore[no-untyped-def]
@@ -141,6 +146,29 @@ def test_console_script_runs_as_a_process():
     assert proc.stdout.strip().endswith("--enable-deterministic-inference")
 
 
+def test_reader_gone_is_141_without_a_traceback():
+    """Regression: ``mlaprop compose --explain | head -1`` printed a BrokenPipeError traceback and exited 1
+    (a quality failure); it exits 141 (128 + SIGPIPE, as a shell tool) and prints nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLAPROP_", "SGLANG_"))}
+    argv = [
+        sys.executable,
+        "-m",
+        "mlaprop.cli",
+        "compose",
+        "--vendor",
+        "nvidia",
+        "--arch",
+        "sm90",
+        "--explain",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has printed anything: it starts in well over a millisecond
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 class TestFoundByNewUsers:
     """Regressions from a fresh user's attempts to break the CLI."""
 
@@ -176,12 +204,32 @@ class TestFoundByNewUsers:
         assert "sekrit123" not in out + err and "othersecret456" not in out + err
         assert "***" in out
 
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api-key", "sekrit123"),
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api-key=sekrit123"),
+            ("eval", "--base-url", "http://127.0.0.1:9", "--api=sekrit123"),
+            ("run", "--simulate", "--api-key", "sekrit123"),
+            ("compose", "--hf-token=sekrit123"),
+        ],
+    )
+    def test_secret_on_the_command_line_is_refused_unprinted(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Regression: ``eval --api-key KEY`` was read as ``--api-key-env KEY`` (an argparse prefix) and KEY
+        printed twice in the error; an unknown ``--api-key KEY`` was quoted back by argparse."""
+        code, out, err = _run(capsys, *argv)
+        assert code == 2
+        assert "sekrit123" not in out + err
+        assert err.startswith("mlaprop: error: ")
+
     @pytest.mark.parametrize("flag", ["--por", "--hos", "--model-pa"])
     def test_prefixes_of_launcher_options_are_refused(self, capsys, flag):  # type: ignore[no-untyped-def]
         """SGLang's argparse expands unique prefixes; --por is --port and is refused like it."""
         code, _, err = _run(capsys, "compose", "--arch", "sm90", "--", flag, "1234")
         assert code == 2
         assert "is set by mlaprop's launcher" in err
+        # regression: --port / --host were told to "pass the model with mlaprop's --model"
+        assert ("--model" in err) == (flag == "--model-pa")
 
     def test_string_options_take_a_value_starting_with_dashes(self, capsys):  # type: ignore[no-untyped-def]
         """``--server-args "--disable-cuda-graph"`` works without the ``=`` form."""

@@ -159,6 +159,7 @@ def test_old_summary_without_provenance_is_read() -> None:
     [
         (['{"qid": "a", "correct": true}', "{not json"], r"items.jsonl:2: not JSON"),
         (['["x"]'], r"items.jsonl:1: not an item"),
+        (["[" * 100_000 + "]" * 100_000], r"items.jsonl:1: not an item \(JSON nested too deeply\)"),
         (
             [
                 '{"qid": "q1", "correct": true, "extracted": "1"}',
@@ -192,6 +193,61 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlaprop: error: ") and "nope: no such file" in err
+
+
+def test_the_same_run_twice_is_named(tmp_path: Path) -> None:
+    """Regression: ``compare A A`` (or a copy of A) said only "no significant difference"; it warns that
+    nothing was compared with another run. Two runs are not confused with each other."""
+    right = set(range(1, N + 1))
+    one = _summary(started_at="2026-12-02T15:00:00+00:00", report={"summary": "/r/one/summary.json"})
+    two = _summary(started_at="2026-12-02T15:10:00+00:00", report={"summary": "/r/one/summary.json"})
+    a = load_run(_write_run(tmp_path / "a", right, one))
+    copy = load_run(_write_run(tmp_path / "copy", right, one))
+    b = load_run(_write_run(tmp_path / "b", right, two))
+    assert any("A and B are the same run" in w for w in compare_runs(a, a).warnings)
+    assert any("A and B are the same run" in w for w in compare_runs(a, copy).warnings)
+    assert not any("same run" in w for w in compare_runs(a, b).warnings)
+    # regression: a run killed mid-eval (status still "running") was compared without a word
+    killed = load_run(_write_run(tmp_path / "killed", right, _summary(status="running")))
+    assert "run B did not finish (status running: still running, or its process was killed)" in " ".join(
+        compare_runs(a, killed).warnings
+    )
+    assert not any("did not finish" in w for w in compare_runs(a, b).warnings)
+    assert not any(
+        "same run" in w
+        for w in compare_runs(load_run(_write_run(tmp_path / "old", right, _summary())), a).warnings
+    )
+
+
+def test_items_named_by_a_summary_are_read_only_from_the_same_run(tmp_path: Path) -> None:
+    """Regression: a summary.json copied alone had its items read from the path it names, even after a later
+    run replaced them there: compare paired the wrong run's answers without a word. They are read only
+    when the summary beside them is the same run."""
+    first = _summary(started_at="2026-12-02T15:00:00+00:00", command="run --simulate")
+    first["report"] = {"items": str(tmp_path / "a" / "items.jsonl")}
+    _write_run(tmp_path / "a", set(range(1, N + 1)), first)
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "summary.json").write_text(json.dumps(first))
+    assert len(load_run(tmp_path / "lone").items) == N  # the same run: its items are found
+    later = {**first, "started_at": "2026-12-02T16:00:00+00:00"}
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(later))  # a later run into folder a
+    with pytest.raises(InvalidRun, match=r"no items\.jsonl beside it"):
+        load_run(tmp_path / "lone")
+
+
+def test_deeply_nested_summary_is_refused_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: a summary.json nested 100,000 deep crashed compare and table with a RecursionError
+    traceback (exit 1, read as "B is worse"); it is refused naming the file (exit 2)."""
+    good = _write_run(tmp_path / "a", set(range(1, N + 1)), _summary())
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "summary.json").write_text('{"status": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for argv in (["compare", str(good), str(deep)], ["table", str(deep)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mlaprop: error: ") and "nested too deeply" in err.splitlines()[0]
 
 
 def test_table_merges_runs_into_platform_by_version(tmp_path: Path) -> None:

@@ -147,6 +147,8 @@ class TestOverrides:
         """No probe answer: vendor ``none``, zero GPUs, and compose refuses saying how to preview."""
         env = detect_environment({}, probe=lambda: NONE)
         assert env.vendor is Vendor.NONE and env.gpu_count == 0
+        # regression: `mlaprop env` noted "hardware probe none: none - x0"
+        assert "hardware probe: no GPU found by torch, nvidia-smi or rocminfo" in env.notes
         with pytest.raises(UnsupportedCombination, match="--vendor amd --arch gfx942"):
             compose(env)
 

@@ -462,7 +462,9 @@ class TestScripted:
         last = seen[-1]
         assert last.status is Status.ERROR
         assert last.cause == "interrupted (KeyboardInterrupt) during the check"
-        assert last.waves == 2 and last.samples == 1 + 4 + 4  # the interrupted wave's concurrent answers too
+        # the answered waves are kept whole; of the interrupted wave, whatever concurrent answers had arrived
+        # when Ctrl-C landed (0 to 4: the interrupter races them)
+        assert last.waves == 2 and 1 + 4 <= last.samples <= 1 + 4 + 4
         m = last.waves_planned
         assert [r.cause for r in seen[:-1]] == [f"unfinished: {k} of {m} waves answered" for k in (1, 2)]
 

@@ -82,7 +82,12 @@ def _gpu_sim(vendor: str, arch: str, extra: dict[str, str], base: Path, name: st
 
 
 CASES: dict[str, tuple[str, str, dict[str, str]]] = {
-    "nvidia-tp2": ("nvidia", "sm90", {"MLAPROP_TP": "2", "MLAPROP_SMOKE": "1"}),  # 16 questions, not gated
+    # dummy smoke model: 16 questions, not gated
+    "nvidia-tp2": (
+        "nvidia",
+        "sm90",
+        {"MLAPROP_TP": "2", "MLAPROP_SMOKE": "1", "MLAPROP_SMOKE_MODEL": "dummy"},
+    ),
     "nvidia-tp3": ("nvidia", "sm90", {"MLAPROP_TP": "3"}),
     "amd-missed-gate": ("amd", "gfx942", {"MLAPROP_THRESHOLD": "0.95"}),
     "offline-no-dataset": ("nvidia", "sm90", {"MLAPROP_DATASET": "<unset>", "HF_HUB_OFFLINE": "ON"}),

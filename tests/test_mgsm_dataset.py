@@ -163,8 +163,9 @@ class TestValidation:
         assert [(i.target, i.target_value) for i in items] == [("-5", -5), ("2,125", 2125)]
 
     def test_missing_file(self, tmp_path: Path) -> None:
-        """A missing path says so."""
-        with pytest.raises(InvalidDataset, match="no such file"):
+        """A missing path says so, and where it may have come from (regression: a bad MLAPROP_DATASET was
+        blamed on --dataset, which the user had not passed)."""
+        with pytest.raises(InvalidDataset, match=r"no such file\. .*--dataset \(or MLAPROP_DATASET"):
             load_dataset(tmp_path / "nope.tsv")
 
     def test_published_file_of_another_language(self, mgsm_dir: Path) -> None:

@@ -41,14 +41,21 @@ class TestRefusals:
     def test_no_gpu_at_all(self):
         """No GPU: refused, with the preview command."""
         env = detect_environment({}, probe=HardwareProbe)
-        with pytest.raises(PreflightError, match="no GPU found"):
+        with pytest.raises(PreflightError, match="no GPU found") as err:
             preflight(env, expect=Vendor.NVIDIA, model=MODEL, environ={}, find_spec=_found)
+        # regression: an NVIDIA run was told to preview the AMD plan
+        assert "`mlaprop compose --vendor nvidia --arch sm90`." in str(err.value)
+        with pytest.raises(PreflightError, match="no GPU found") as err:
+            preflight(env, expect=Vendor.AMD, model=MODEL, environ={}, find_spec=_found)
+        assert "`mlaprop compose --vendor amd --arch gfx942`." in str(err.value)
 
     def test_sglang_not_importable(self):
         """SGLang missing: refused, naming the interpreter and how to install it."""
         with pytest.raises(PreflightError, match="SGLang is not importable") as err:
             preflight(Environment(), expect=Vendor.NVIDIA, model=MODEL, environ={}, find_spec=lambda _n: None)
         assert "pip install" in str(err.value) and "system_site_packages" in str(err.value)
+        # regression: the hint said to put the venv on PYTHONPATH; the README's fix is MLAPROP_PYTHON
+        assert "set MLAPROP_PYTHON to that venv's python" in str(err.value)
 
     def test_model_not_cached_while_offline(self, tmp_path: Path):
         """``HF_HUB_OFFLINE=1`` and no cached snapshot: refused, naming the model, HF_HOME and the folder."""

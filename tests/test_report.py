@@ -357,6 +357,19 @@ class TestReporter:
         Reporter(out, out).say("0.900 (225/250, ±0.019 s.e.) — done")
         assert out.getvalue() == "0.900 (225/250, +/-0.019 s.e.) ? done\n"
 
+    def test_reader_gone_does_not_end_the_job(self) -> None:
+        """Regression: ``mlaprop run ... | head -1`` ended the run with a BrokenPipeError (status error, exit
+        1) at the second line; printing stops, the job (and the report) goes on."""
+        r, w = os.pipe()
+        os.close(r)
+        out = os.fdopen(w, "w")
+        try:
+            reporter = Reporter(out, io.StringIO())
+            reporter.say("plan: ...")
+            reporter.say("verdict: PASS")  # no exception: the descriptor now points at /dev/null
+        finally:
+            out.close()
+
     def test_heartbeat_outside_a_terminal(self) -> None:
         """Not a terminal: one line per period naming the stage, the elapsed time and the progress."""
         out = io.StringIO()

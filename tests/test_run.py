@@ -183,6 +183,8 @@ class TestDatasetErrorsBeforeLaunch:
         where = f"{bad}:{line}" if line else str(bad)
         assert s["error"]["message"].startswith(f"{where}: {problem}")
         assert s["server"] is None
+        # regression: provenance was null when the run stopped at the dataset stage
+        assert s["provenance"]["mlaprop_version"] and s["provenance"]["simulated"] is True
 
     def test_offline_without_cache(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
         """Offline with an empty cache: exit 2 and how to provide the file."""
@@ -235,6 +237,8 @@ class TestServerFailures:
         out, err = capsys.readouterr()
         assert err.startswith("verdict: ABORTED - ") and "over the 5% bound" in err.splitlines()[0]
         assert "ABORTED" not in out and "MGSM-en: 100 questions" in out and "report: " in out
+        # regression: the line gave only the count; it names the first failure (here the HTTP 400)
+        assert "; first error (mgsm_en_" in err.splitlines()[0] and "HTTP 400" in err.splitlines()[0]
 
     def test_few_errors_are_reported_not_scored(self, tmp_path: Path, mgsm_dir: Path) -> None:
         """Malformed replies under the bound are errors, counted apart from wrong answers."""
@@ -279,6 +283,26 @@ class TestServerFailures:
         out, err = capsys.readouterr()
         assert err.startswith("mlaprop: the server failed: ") and "exited with code 3" in err.splitlines()[0]
         assert "the server failed" not in out and "report: " in out
+
+    def test_start_timeout_names_the_fix(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
+        """A server never healthy: exit 3, and stderr's first line says how to give a slow one more time
+        (regression: it named the timeout but not --ready-timeout)."""
+        run_opts = RunOptions(
+            request=LaunchRequest(),
+            environment=ENV,
+            simulate=True,
+            sim_args=("--sim-never-healthy",),
+            ready_timeout_s=1.5,
+            grace_s=2,
+        )
+        code = run(run_opts, _opts(tmp_path, mgsm_dir, limit=2))
+        s = _summary(tmp_path)
+        assert (code, s["status"]) == (EXIT_INFRA, "server-failed")
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith(
+            "mlaprop: the server failed: server not ready after "
+        )  # 1.5 s, or more under load
+        assert "raise --ready-timeout" in first
 
     def test_teardown_failure_fails_the_run(self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any) -> None:
         """Processes left behind at teardown turn a passing verdict into exit 1, and the report says so."""
@@ -468,6 +492,7 @@ class TestCommandLine:
             dataset=str(tmp_path / "missing.tsv"), report_dir=tmp_path / "report", progress=False
         )
         assert evaluate("http://127.0.0.1:1", opts) == EXIT_USAGE
+        assert _summary(tmp_path)["provenance"]["simulated"] is False  # regression: was null
 
 
 def _no_launch(monkeypatch: Any) -> None:
@@ -817,6 +842,31 @@ class TestCIView:
         assert _run(tmp_path, mgsm_dir, sim_args=("--sim-crash-at-start", "3")) == EXIT_INFRA == 3
         assert schema_problems(_summary(tmp_path), json.loads(SCHEMA.read_text())) == []
 
+    def test_a_crash_of_mlaprop_itself_is_infrastructure(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    ) -> None:
+        """A bug inside mlaprop (an unexpected exception mid-run) exits 3, never 1 (a quality failure), and the
+        summary records the exception; the server is still torn down."""
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise ZeroDivisionError("a bug in mlaprop")
+
+        monkeypatch.setattr(job, "check_determinism", broken)
+        with pytest.raises(ZeroDivisionError):  # the job records it, tears down, and lets it propagate
+            _run(tmp_path, mgsm_dir, accuracy=1.0, limit=8)
+        s = _summary(tmp_path)
+        assert s["status"] == "error" and s["exit_code"] == 3
+        (tmp_path / "report").rename(tmp_path / "first")
+        argv = ["run", "--simulate", "--dataset", str(mgsm_path(mgsm_dir)), "--limit", "8"]
+        argv += ["--report-dir", str(tmp_path / "report"), "--sim-accuracy", "1.0"]
+        capsys.readouterr()
+        assert main(argv) == ExitCode.INFRASTRUCTURE == 3  # the console command exits 3, not Python's 1
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first == "mlaprop: error (ZeroDivisionError: a bug in mlaprop); partial report kept"
+        s = _summary(tmp_path)
+        assert s["status"] == "error" and s["exit_code"] == 3
+        assert s["error"]["type"] == "ZeroDivisionError" and "a bug in mlaprop" in s["error"]["message"]
+
     def test_items_in_question_order_with_the_question(self, tmp_path: Path, mgsm_dir: Path) -> None:
         """16 requests in flight finish in any order; items.jsonl is in question order with the question."""
         assert _run(tmp_path, mgsm_dir, accuracy=1.0, limit=40, determinism=False) == EXIT_OK
@@ -834,6 +884,27 @@ class TestCIView:
         rec = _opts(tmp_path, mgsm_dir)
         assert job.decide(result, error, opts).exit_code == ExitCode.INFRASTRUCTURE  # type: ignore[arg-type]
         assert job.decide(result, fail, rec).exit_code == ExitCode.QUALITY  # type: ignore[arg-type]
+
+    def test_determinism_requests_failing_is_an_error_not_a_failure(
+        self, tmp_path: Path, mgsm_dir: Path
+    ) -> None:
+        """Regression: a real check whose requests failed (HTTP 500, consistent outputs) was reported as
+        ``determinism-failed`` (exit 1, "outputs differ"); it could not finish, so it is ``determinism-error``
+        (exit 3), in the verdict and in ``summary.json``."""
+        from mlaprop.determinism import check_determinism
+        from mlaprop.evalclient import ClientConfig
+        from mlaprop.report import determinism_summary
+        from tests.eval_fixtures import Answer, serve
+
+        config = ClientConfig(max_retries=1, backoff_s=0.01, request_timeout_s=10, progress=False)
+        with serve(lambda m, p, b: Answer(500, {"error": "boom"})) as srv:
+            det = check_determinism(srv.url, batch_sizes=(1, 2), prefix_lengths=(), config=config)
+        assert det.status == "error"
+        assert determinism_summary(det)["status"] == "error"
+        result = EvalResult("en", 0, (), 0.0, "m")
+        outcome = job.decide(result, det, _opts(tmp_path, mgsm_dir, gated=False))
+        assert (outcome.status, outcome.exit_code) == ("determinism-error", ExitCode.INFRASTRUCTURE)
+        assert "determinism ERROR" in outcome.message
 
     def test_heartbeat_lines_outside_a_terminal(self, tmp_path: Path, mgsm_dir: Path, capsys: Any) -> None:
         """Not on a terminal, a heartbeat line names the stage and the progress every period."""

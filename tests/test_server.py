@@ -26,7 +26,6 @@ import requests
 from mlaprop.compose import compose
 from mlaprop.environment import AttentionBackend, Environment, LaunchPlan, Vendor
 from mlaprop.server import (
-    SERVER_ID_VARIABLE,
     Server,
     ServerError,
     ServerExited,
@@ -173,7 +172,7 @@ class TestReady:
         assert_clean(server)
 
     def test_plan_env_is_merged_onto_the_parent_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The server sees this process's variables, the plan's, the caller's overrides and its id."""
+        """The server sees this process's variables, the plan's and the caller's overrides."""
         monkeypatch.setenv("MLAPROP_TEST_PARENT", "parent")
         p = plan(env={"SGLANG_ENABLE_DETERMINISTIC_INFERENCE": "1", "MLAPROP_TEST_OVERRIDE": "plan"})
         with run(p, env={"MLAPROP_TEST_OVERRIDE": "caller"}) as server:
@@ -181,7 +180,6 @@ class TestReady:
         assert seen["MLAPROP_TEST_PARENT"] == "parent"
         assert seen["SGLANG_ENABLE_DETERMINISTIC_INFERENCE"] == "1"
         assert seen["MLAPROP_TEST_OVERRIDE"] == "caller"
-        assert len(seen[SERVER_ID_VARIABLE]) == 32
         assert server.command.startswith(
             "SGLANG_ENABLE_DETERMINISTIC_INFERENCE=1 MLAPROP_TEST_OVERRIDE=caller "
         )
@@ -337,6 +335,30 @@ class TestTeardown:
         assert signal.getsignal(signal.SIGTERM) == before
         assert_clean(server, pids)
 
+    def test_sighup_to_this_process_while_serving(self) -> None:
+        """SIGHUP (a closed terminal, a cancelled CI job) tears down like SIGTERM and exits 129."""
+        before = signal.getsignal(signal.SIGHUP)
+        with pytest.raises(Terminated) as info, run(None, "--sim-grandchild") as server:
+            pids = logged_pids(server)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # interrupted by the handler long before this ends
+        assert info.value.code == 128 + signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) == before
+        assert_clean(server, pids)
+
+    def test_a_killed_watchdog_takes_the_server_and_teardown_finds_the_rest(self) -> None:
+        """SIGKILL to the watchdog: the server dies with it (parent-death signal), and teardown still
+        finds its children and the grandchild (process group, session, sampled tree)."""
+        with run(None, "--sim-grandchild", "--sim-children", "2") as server:
+            pids = logged_pids(server)
+            time.sleep(0.6)  # a few samples of the tree
+            os.kill(server.watchdog_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 3.0
+            while server.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.returncode == -signal.SIGKILL
+        assert_clean(server, pids)
+
     def test_sigterm_while_waiting_for_readiness(self) -> None:
         """SIGTERM during the readiness wait stops the wait, tears down and raises Terminated."""
         timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
@@ -415,7 +437,7 @@ class TestSecrets:
     TOKEN = "hf_AbCdEfGhIjKlMnOpQrSt"
 
     def test_mirrored_log_and_command_hide_secrets(self, tmp_path: Path) -> None:
-        """Echoed lines and the command show ``***``; the log file keeps what the server wrote."""
+        """Echoed lines, the log file and the command show ``***``; the echo gets the file's lines."""
         out = io.StringIO()
         p = plan("--api-key", self.SECRET, env={"HF_TOKEN": self.TOKEN})
         with run(p, echo=out, log_path=tmp_path / "log") as server:
@@ -427,7 +449,10 @@ class TestSecrets:
         assert "fired up and ready to roll" in echoed
         assert "api_key='***'" in echoed
         assert self.SECRET not in echoed and self.TOKEN not in echoed
-        assert self.SECRET in (tmp_path / "log").read_text()
+        written = (tmp_path / "log").read_text()
+        assert self.SECRET not in written and self.TOKEN not in written
+        assert "api_key='***'" in written
+        assert echoed.splitlines() == written.splitlines()[1:]  # the file starts with the command
 
     def test_error_messages_hide_secrets(self) -> None:
         """ServerExited's message and log tail never carry the key."""

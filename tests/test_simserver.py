@@ -188,6 +188,13 @@ class TestCommandLine:
         assert done.returncode == 2
         assert "error: argument --kv-cache-dtype: invalid choice: 'fp9'" in done.stderr
 
+    def test_unknown_simulator_flag_is_exit_2(self) -> None:
+        """Regression: ``--sim-args '--sim-error-rat 0.5'`` (a typo) was accepted as an SGLang flag, so the
+        fault was never injected and the run passed; unknown ``--sim-*`` flags are a usage error."""
+        done = self._run("--sim-error-rat", "0.5", "--sim-max-lifetime", "5")
+        assert done.returncode == 2
+        assert "unknown simulator flags: --sim-error-rat" in done.stderr.strip().splitlines()[-1]
+
     def test_backend_without_kernels_fails_at_load(self) -> None:
         """0.5.23 on ROCm with ``auto`` KV cache resolves to fa3: accepted, then fails to load (exit 1)."""
         done = self._run("--enable-deterministic-inference", "--sim-platform", "rocm")

@@ -10,10 +10,13 @@ chosen command's module is imported, so ``mlaprop compose`` never loads the HTTP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
 
 from mlaprop import __version__
@@ -48,6 +51,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "launch the server, run MGSM (and the determinism check), report, tear down",
     ),
     "eval": ("mlaprop.cli.run", "add_eval", "run the MGSM eval against a running server"),
+    "canary": (
+        "mlaprop.canary",
+        "add_canary_parser",
+        "train (on this GPU) or reuse the canary model smoke mode gates on",
+    ),
     "compare": (
         "mlaprop.compare_cli",
         "add_compare",
@@ -133,6 +141,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (UnsupportedCombination, InvalidEnvironment, PreflightError) as exc:
         print(redact(f"mlaprop: error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return ExitCode.USAGE
+    except BrokenPipeError:  # `mlaprop compose --explain | head -1`: the reader had enough
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+            os.close(devnull)
+        return ExitCode.BROKEN_PIPE
+    except Exception as exc:  # a bug in mlaprop: infrastructure (3), never read as a quality failure (1)
+        print(
+            redact(f"mlaprop: error: internal error, {type(exc).__name__}: {exc} (a bug in mlaprop; exit 3)"),
+            file=sys.stderr,
+        )
+        trace = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        print(redact("".join(trace)), file=sys.stderr, end="")
+        return ExitCode.INFRASTRUCTURE
     except KeyboardInterrupt:
         if argv is None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)

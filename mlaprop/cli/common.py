@@ -23,6 +23,7 @@ from mlaprop.environment import (
     Vendor,
 )
 from mlaprop.exitcodes import ExitCode
+from mlaprop.redact import redact
 
 __all__ = [
     "PlatformOptions",
@@ -57,7 +58,8 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
     usage block is on ``--help``)."""
 
     def error(message: str) -> NoReturn:
-        parser.exit(ExitCode.USAGE, f"mlaprop: error: {message} (see {parser.prog} --help)\n")
+        # redacted: argparse quotes what it could not parse, a secret included (``--api-key KEY``)
+        parser.exit(ExitCode.USAGE, redact(f"mlaprop: error: {message} (see {parser.prog} --help)\n"))
 
     parser.error = error  # type: ignore[method-assign]
 

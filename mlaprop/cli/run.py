@@ -20,7 +20,15 @@ from mlaprop.environment import Vendor
 from mlaprop.exitcodes import ExitCode
 from mlaprop.job import evaluate, run
 from mlaprop.mgsm import LANGUAGES, Parser
-from mlaprop.options import SMOKE_QUESTIONS, EvalOptions, RunOptions
+from mlaprop.options import (
+    CANARY_GATE,
+    SMOKE_MODEL_VARIABLE,
+    SMOKE_QUESTIONS,
+    EvalOptions,
+    InvalidOptions,
+    RunOptions,
+    SmokeModel,
+)
 from mlaprop.report import Reporter
 from mlaprop.server import Terminated
 from mlaprop.stats import DEFAULT_GATE
@@ -44,7 +52,7 @@ DEFAULT_REPORT_DIR = "mlaprop-report"
 
 _EXIT_HELP = (
     "Exit 0 pass, 1 quality failure (gate, determinism), 2 usage or environment error before launch, "
-    "3 infrastructure failure (server, aborted eval, teardown), 130/143 interrupted."
+    "3 infrastructure failure (server, aborted eval, teardown), 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP)."
 )
 
 
@@ -66,8 +74,8 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
     g.add_argument(
         "--gate",
         type=arg_type(o.fraction),
-        default=DEFAULT_GATE,
-        help="score to reach (default: %(default)s)",
+        default=None,
+        help=f"score to reach (default: {DEFAULT_GATE}; {CANARY_GATE} for the canary in smoke mode)",
     )
     g.add_argument(
         "--limit", type=arg_type(o.positive_int), metavar="N", help="only the first N questions (smoke runs)"
@@ -75,8 +83,9 @@ def _add_eval_options(p: argparse.ArgumentParser, *, in_run: bool) -> None:
     g.add_argument(
         "--concurrency",
         type=arg_type(o.positive_int),
-        default=64,
-        help="requests in flight (default: %(default)s)",
+        default=None,
+        help="requests in flight (default: every question in one wave, as SGLang's MLA FP8 test sends them, "
+        "up to 1024, capped by the server's max_running_requests)",
     )
     g.add_argument(
         "--request-timeout",
@@ -143,7 +152,7 @@ def _eval_options(
         dataset=args.dataset or environ.get(DATASET_VARIABLE) or None,
         offline=args.offline,
         parser=Parser(args.parser),
-        gate=args.gate,
+        gate=DEFAULT_GATE if args.gate is None else args.gate,
         limit=args.limit,
         concurrency=args.concurrency,
         request_timeout_s=args.request_timeout,
@@ -205,24 +214,60 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     platform = platform_from_args(args)
     if args.simulate and not platform.is_preview:
         platform = replace(platform, vendor=Vendor.NVIDIA, arch="sm90")  # the H200 CI runner
+    smoke_model = smoke_model_choice(args.smoke_model, env_vars)
     run_opts = RunOptions(
         request=request,
         environment=environment_for(platform, environ, tp=request.tp_size),
         env_vars=environ,
         simulate=args.simulate,
-        sim_accuracy=args.sim_accuracy,
+        sim_accuracy=_sim_accuracy(args, smoke_model),
         sim_latency_s=args.sim_latency,
         sim_args=args.sim_args,
         ready_timeout_s=args.ready_timeout,
         echo_server_log=args.server_log,
         smoke=args.smoke,
+        smoke_model=smoke_model,
     )
     opts = _eval_options(args, env_vars, {"auto": None, "on": True, "off": False}[args.determinism], None)
     if args.smoke:
-        opts = replace(opts, gated=False, limit=opts.limit or SMOKE_QUESTIONS)
+        opts = smoke_eval_options(opts, run_opts.smoke_model, explicit_gate=args.gate)
     reporter = _reporter(env_vars)
     with _signals_end_the_job(reporter):
         return run(run_opts, opts, reporter=reporter)
+
+
+def _sim_accuracy(args: argparse.Namespace, smoke_model: SmokeModel) -> float:
+    """``--sim-accuracy``, else 1.0 when the simulator stands in for the canary (which answers every
+    question), else 0.9."""
+    if args.sim_accuracy is not None:
+        return float(args.sim_accuracy)
+    return 1.0 if args.smoke and smoke_model.gated else 0.9
+
+
+def smoke_model_choice(flag: SmokeModel | None, environ: Mapping[str, str]) -> SmokeModel:
+    """The smoke model: ``--smoke-model``, else ``MLAPROP_SMOKE_MODEL``, else the canary.
+
+    Raises:
+        InvalidOptions: ``MLAPROP_SMOKE_MODEL`` holds another value (exit 2, the message lists the choices).
+    """
+    if flag is not None:
+        return flag
+    value = environ.get(SMOKE_MODEL_VARIABLE, "")
+    if not value.strip():
+        return SmokeModel.CANARY
+    try:
+        return o.smoke_model(value)
+    except ValueError as exc:
+        raise InvalidOptions(f"{SMOKE_MODEL_VARIABLE}: {exc}") from None
+
+
+def smoke_eval_options(opts: EvalOptions, model: SmokeModel, *, explicit_gate: float | None) -> EvalOptions:
+    """The eval settings smoke mode implies: the canary is gated (at ``--gate``, else
+    :data:`~mlaprop.options.CANARY_GATE`) over every question (or ``--limit``); ``random`` and ``dummy`` are
+    scored on :data:`~mlaprop.options.SMOKE_QUESTIONS` questions (or ``--limit``) and not gated."""
+    if model.gated:
+        return replace(opts, gated=True, gate=CANARY_GATE if explicit_gate is None else explicit_gate)
+    return replace(opts, gated=False, limit=opts.limit or SMOKE_QUESTIONS)
 
 
 def _header_safe(value: str) -> bool:
@@ -234,6 +279,12 @@ def _cmd_eval(args: argparse.Namespace, environ: Mapping[str, str] | None) -> in
     env_vars = os.environ if environ is None else environ
     reporter = _reporter(env_vars)
     api_key = None
+    if args.api_key_value is not None:
+        reporter.error(
+            "mlaprop: error: eval takes no key on the command line (`--api-key`), where ps and CI logs show "
+            "it; export it and pass the variable's name with --api-key-env VAR"
+        )
+        return ExitCode.USAGE
     if args.api_key_env:
         api_key = env_vars.get(args.api_key_env)
         if api_key and not _header_safe(api_key):
@@ -274,9 +325,9 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str)
     s.add_argument(
         "--sim-accuracy",
         type=arg_type(o.fraction),
-        default=0.9,
+        default=None,
         metavar="P",
-        help="simulated MGSM accuracy (default: 0.9)",
+        help="simulated MGSM accuracy (default: 0.9; 1.0 standing in for the canary with --smoke)",
     )
     s.add_argument(
         "--sim-latency",
@@ -303,8 +354,17 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str)
     s.add_argument(
         "--smoke",
         action="store_true",
-        help="serve a tiny random-weight MLA FP8 model with --load-format dummy instead of --model; score "
-        f"{SMOKE_QUESTIONS} questions (or --limit) and report the score without gating",
+        help="serve a tiny MLA FP8 model instead of --model (which: --smoke-model); the canary is gated at "
+        f"{CANARY_GATE} over all questions, the others score {SMOKE_QUESTIONS} questions (or --limit), not gated",
+    )
+    s.add_argument(
+        "--smoke-model",
+        type=arg_type(o.smoke_model),
+        default=None,
+        metavar="{canary,random,dummy}",
+        help="with --smoke: canary (trained to answer MGSM-en; built on this GPU or cached; gated), random "
+        "(real-scale random weights, real loading; not gated), dummy (--load-format dummy; not gated) "
+        f"(default: ${SMOKE_MODEL_VARIABLE}, else canary)",
     )
     p.set_defaults(func=_cmd_run)
     one_line_errors(p)
@@ -323,6 +383,8 @@ def add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str
         metavar="VAR",
         help="environment variable holding the server's --api-key (sent as bearer)",
     )
+    # Without it, argparse reads ``--api-key KEY`` as the prefix of --api-key-env and prints KEY back.
+    p.add_argument("--api-key", dest="api_key_value", metavar="KEY", help=argparse.SUPPRESS)
     _add_eval_options(p, in_run=False)
     p.set_defaults(func=_cmd_eval)
     one_line_errors(p)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from mlaprop.canary import CanaryError
 from mlaprop.ci import envbool
 from mlaprop.detect import detect_environment
 from mlaprop.environment import DEFAULT_MODEL, Environment, InvalidEnvironment, Vendor
+from mlaprop.options import CANARY_GATE, SMOKE_MODEL_VARIABLE, SmokeModel, smoke_model
 from mlaprop.preflight import PreflightError, hf_offline, preflight
 
 
@@ -32,6 +34,12 @@ class GpuConfig:
     ready_timeout_s: float
     tp: int = 1
     offline: bool = False
+    smoke_model: SmokeModel = SmokeModel.CANARY
+
+    @property
+    def gated(self) -> bool:
+        """The MGSM score gates: always on the real model; in smoke mode only on the canary."""
+        return not self.smoke or self.smoke_model.gated
 
 
 def _positive_int(name: str, value: str | None, default: int) -> int:
@@ -70,11 +78,33 @@ def _positive_float(name: str, value: str | None, default: float) -> float:
     return number
 
 
+def smoke_model_folder(choice: SmokeModel, simulate: bool, dataset: str | None, tmp_path: Path) -> Path:
+    """The smoke model's folder: the canary (cached, or trained now on this GPU; a missing torch or GPU
+    fails the test with the fix), real-scale random weights, or the dummy folder. The simulated server reads
+    no weights, so there the dummy folder stands in for every choice."""
+    from mlaprop.tinymodel import TinyModelError, write_tiny_mla
+
+    try:
+        if simulate or choice is SmokeModel.DUMMY:
+            return write_tiny_mla(tmp_path / "tiny-mla-fp8")
+        if choice is SmokeModel.RANDOM:
+            return write_tiny_mla(tmp_path / "tiny-mla-fp8-random", weights="random")
+        from mlaprop.canary import ensure_canary
+
+        return ensure_canary(dataset, log=lambda line: print(f"canary: {line}", flush=True))
+    except (CanaryError, TinyModelError) as exc:
+        pytest.fail(
+            f"{type(exc).__name__}: {exc} (or pick another smoke model: {SMOKE_MODEL_VARIABLE}=random|dummy)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
     """Settings for this test's vendor (its ``nvidia`` / ``amd`` marker), after the preflight passed.
 
-    In smoke mode the model is the tiny MLA FP8 model written under ``tmp_path``. Every refusal fails the
+    In smoke mode the model is the smoke model (``MLAPROP_SMOKE_MODEL``, default the canary, gated at 0.98;
+    :func:`smoke_model_folder`). Every refusal fails the
     test with its cause on the first line (``PreflightError: wrong GPU vendor ...``), never a traceback."""
     vendor = Vendor.NVIDIA if request.node.get_closest_marker("nvidia") else Vendor.AMD
     env = os.environ
@@ -87,7 +117,12 @@ def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
     smoke = envbool(env.get("MLAPROP_SMOKE"))
     simulate = envbool(env.get("MLAPROP_SIMULATE"))
     tp = _positive_int("MLAPROP_TP", env.get("MLAPROP_TP"), 1)
-    threshold = _fraction("MLAPROP_THRESHOLD", env.get("MLAPROP_THRESHOLD"), 0.8)
+    try:
+        choice = smoke_model(env.get(SMOKE_MODEL_VARIABLE) or SmokeModel.CANARY.value)
+    except ValueError as exc:
+        pytest.fail(f"{SMOKE_MODEL_VARIABLE}: {exc}", pytrace=False)
+    default_gate = CANARY_GATE if smoke and choice is SmokeModel.CANARY else 0.8
+    threshold = _fraction("MLAPROP_THRESHOLD", env.get("MLAPROP_THRESHOLD"), default_gate)
     ready_timeout_s = _positive_float("MLAPROP_READY_TIMEOUT", env.get("MLAPROP_READY_TIMEOUT"), 600.0)
     try:
         server_args = tuple(shlex.split(env.get("MLAPROP_SERVER_ARGS", "")))
@@ -97,9 +132,7 @@ def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
         )
     model = env.get("MLAPROP_MODEL") or DEFAULT_MODEL
     if smoke:
-        from mlaprop.tinymodel import write_tiny_mla
-
-        model = str(write_tiny_mla(tmp_path / "tiny-mla-fp8"))
+        model = str(smoke_model_folder(choice, simulate, env.get("MLAPROP_DATASET") or None, tmp_path))
     try:
         environment = detect_environment()
         if simulate and tp > environment.gpu_count:
@@ -123,4 +156,5 @@ def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
         ready_timeout_s=ready_timeout_s,
         tp=tp,
         offline=offline,
+        smoke_model=choice,
     )

@@ -11,9 +11,13 @@ Settings, from environment variables (the tox envs pass them through):
 ``MLAPROP_EXPECT_VENDOR``   ``nvidia`` / ``amd``: the vendor this run is for (set by the tox env)
 ``MLAPROP_MODEL``           model path or Hugging Face id (default: the upstream test's model)
 ``MLAPROP_SERVER_ARGS``     extra SGLang server arguments, one shell-quoted string
-``MLAPROP_THRESHOLD``       MGSM-en gate (default 0.8)
-``MLAPROP_SMOKE``           ``1``: tiny random-weight MLA FP8 model with ``--load-format dummy``; a short
-                            MGSM sample is scored and reported, not gated
+``MLAPROP_THRESHOLD``       MGSM-en gate (default 0.8; 0.98 for the canary in smoke mode)
+``MLAPROP_SMOKE``           ``1``: a tiny MLA FP8 model instead (``MLAPROP_SMOKE_MODEL``)
+``MLAPROP_SMOKE_MODEL``     ``canary`` (default: trained to answer MGSM-en, built on this GPU or cached,
+                            real weight loading, gated over all 250 questions), ``random`` (real-scale
+                            random weights; 16 questions, not gated) or ``dummy`` (``--load-format
+                            dummy``; 16 questions, not gated). The simulated server stands in for all
+                            three (it reads no weights; the canary's stand-in answers every question)
 ``MLAPROP_SIMULATE``        ``1``: the simulated SGLang server (CPU only; what CI runs)
 ``MLAPROP_DATASET``         an MGSM TSV to use instead of the cached download (offline runners)
 ``MLAPROP_REPORT_DIR``      report folder (default ``mlaprop-report/gpu-<vendor>``)
@@ -84,7 +88,10 @@ def _run_mla_fp8(cfg: GpuConfig, record_property: pytest.RecordProperty) -> None
             request=request,
             environment=cfg.environment,
             simulate=cfg.simulate,
+            # the simulated server stands in for the canary, which answers every question
+            sim_accuracy=1.0 if cfg.smoke and cfg.gated else 0.9,
             smoke=cfg.smoke,
+            smoke_model=cfg.smoke_model,
             ready_timeout_s=cfg.ready_timeout_s,
             preflight=False,  # done by the gpu_config fixture, before anything else
         ),
@@ -92,8 +99,8 @@ def _run_mla_fp8(cfg: GpuConfig, record_property: pytest.RecordProperty) -> None
             dataset=cfg.dataset,
             offline=cfg.offline,
             gate=cfg.threshold,
-            limit=SMOKE_QUESTIONS if cfg.smoke else None,
-            gated=not cfg.smoke,
+            limit=None if cfg.gated else SMOKE_QUESTIONS,
+            gated=cfg.gated,
             report_dir=cfg.report_dir,
             progress=False,
         ),
@@ -125,7 +132,14 @@ def _run_mla_fp8(cfg: GpuConfig, record_property: pytest.RecordProperty) -> None
     if plan["deterministic"]:
         det = summary.get("determinism")
         assert det is not None and det["passed"], f"determinism check failed: {(det or {}).get('reason')}"
-    if not cfg.smoke:
+    if cfg.smoke:
+        smoke = summary.get("smoke") or {}
+        assert smoke.get("model") == cfg.smoke_model.value, smoke
+        if cfg.gated and not cfg.simulate:  # the canary on a real server: compared with its reference
+            ref = smoke.get("reference")
+            assert ref is not None and ref["total"] == mgsm["answered"], smoke
+            print(f"canary vs reference: {ref['same_answer']}/{ref['total']} answers agree")
+    if cfg.gated:
         gating = mgsm["scores"][mgsm["gating_parser"]]
         assert gating["score"] >= cfg.threshold, (
             f"MGSM-en below the gate: {gating['text']}; see {summary_path}"
