@@ -110,6 +110,14 @@ def _user_deterministic(request: LaunchRequest, version: str) -> bool:
         return DETERMINISTIC_FLAG in request.extra_args
 
 
+def _user_kv(request: LaunchRequest, version: str) -> str:
+    """The KV-cache dtype SGLang reads: the user's extra ``--kv-cache-dtype`` (any spelling) or the request's."""
+    try:
+        return read_server_args(request.extra_args, version).kv_cache_dtype or request.kv_cache_dtype.value
+    except ValueError:
+        return request.kv_cache_dtype.value
+
+
 def _hardware(environment: Environment) -> Vendor:
     """The vendor whose kernels run: AMD whenever SGLang sees ROCm (``is_hip``)."""
     return Vendor.AMD if environment.vendor is Vendor.AMD or environment.torch_hip else Vendor.NVIDIA
@@ -166,7 +174,7 @@ def check(
                 sglang_backend=outcome.backend,
                 **common,
             )
-        if request.kv_cache_dtype in FP4_KV_CACHE_DTYPES:
+        if _user_kv(request, environment.sglang_version) in {k.value for k in FP4_KV_CACHE_DTYPES}:
             return Verdict(
                 Kind.POLICY_REFUSAL,
                 f"mlaprop does not compose FP4 KV caches; SGLang's argument pipeline resolves {outcome.backend} "
