@@ -286,10 +286,31 @@ def _check_choices(
         )
 
 
+def split_simulator_args(tokens: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split extra arguments into SGLang's and the simulated server's own ``--sim-*`` flags
+    (:mod:`mlaprop.simserver`; ``--sim-x value`` or ``--sim-x=value``). SGLang's parser would refuse the latter;
+    they are passed through, after SGLang's, for a server command that is the simulator."""
+    ours: list[str] = []
+    sim: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if isinstance(tok, str) and tok.startswith("--sim-"):
+            sim.append(tok)
+            if "=" not in tok and i + 1 < len(tokens) and not str(tokens[i + 1]).startswith("--"):
+                sim.append(tokens[i + 1])
+                i += 1
+        else:
+            ours.append(tok)
+        i += 1
+    return tuple(ours), tuple(sim)
+
+
 def _read_user_args(request: LaunchRequest, version: str) -> tuple[ServerArgs, list[Decision]]:
     """Read the user's extra arguments as SGLang ``version`` reads them (prefixes, ``=`` forms, last one
     wins); refuse launcher-owned options and those mlaprop cannot check (``--config``, ``--help``)."""
-    user = read_server_args(request.extra_args, version)
+    sglang_args, _ = split_simulator_args(request.extra_args)
+    user = read_server_args(sglang_args, version)
     notes: list[Decision] = []
     for opt in user.options:
         said = user.spelled(opt.name)
@@ -765,6 +786,18 @@ def _compose(
         argv += opt.tokens()
         decisions.append(Decision(Action.ADDED, opt.name, "user extra argument", "user extra arguments"))
 
+    _, sim_args = split_simulator_args(request.extra_args)
+    if sim_args:
+        argv += sim_args
+        decisions.append(
+            Decision(
+                Action.ADDED,
+                "--sim-*",
+                "the simulated server's own flags, passed through last (SGLang itself would refuse them)",
+                "mlaprop.simserver",
+            )
+        )
+
     # 6. Environment variables for the server.
     env: dict[str, str] = {}
     users = environment.rocm_fused_decode_mla
@@ -801,7 +834,7 @@ def _compose(
             )
         )
     # The plan as SGLang will read it: no spelling may bring deterministic inference to an AMD signal.
-    final = read_server_args(argv, environment.sglang_version)
+    final = read_server_args(split_simulator_args(tuple(argv))[0], environment.sglang_version)
     if final.deterministic != deterministic or (final.deterministic and signals):
         raise UnsupportedCombination(
             f"SGLang would read deterministic inference as {final.deterministic} from the plan "

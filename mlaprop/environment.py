@@ -286,8 +286,10 @@ class LaunchPlan:
         """The plan as SGLang ``sglang_version`` reads it: ``--model-path`` :attr:`model` and :attr:`argv`
         (``host``/``port`` are the launcher's and read ``None`` here). See :func:`mlaprop.args.read_server_args`."""
         from mlaprop.args import read_server_args
+        from mlaprop.compose import split_simulator_args
 
-        return read_server_args(["--model-path", self.model, *self.argv], self.sglang_version)
+        argv = split_simulator_args(self.argv)[0]
+        return read_server_args(["--model-path", self.model, *argv], self.sglang_version)
 
     def has_flag(self, flag: str) -> bool:
         """``True`` when ``flag`` (``--x`` or ``--x=value``) is in :attr:`argv`."""
