@@ -50,7 +50,33 @@ SOURCES: dict[str, str] = {
         " (FlashAttention3 only supports fp8_e4m3 KV cache: fa3 + fp8_e5m2 -> triton)"
     ),
     "rocm_fused_decode_mla": (
-        "https://github.com/sgl-project/sglang/issues/23536 and https://github.com/sgl-project/sglang/pull/23382"
+        "https://github.com/sgl-project/sglang/issues/23536; srt/models/deepseek_common/attention_backend_handler.py"
+        " _dispatch_mla_subtype (srt/models/deepseek_v2.py before 0.5.8): every backend up to 0.5.15.post1, aiter"
+        " only from 0.5.16 (https://github.com/sgl-project/sglang/pull/30355)"
+    ),
+    "v054_runtime_default": (
+        "sglang 0.5.4 srt/model_executor/model_runner.py model_specific_adjustment (the MLA default and the"
+        " fa3 + fp8_e5m2 -> triton switch are made at start-up, after server_args' deterministic pass);"
+        " srt/server_args.py _handle_deterministic_inference (flashinfer on SM100/SM120 for every model, and a"
+        " backend outside fa3/triton only disables the radix cache)"
+    ),
+    "tokenspeed_mla": (
+        "sglang 0.5.12-0.5.22 srt/server_args.py (arg_groups/kv_cache_hook.py from 0.5.20): tokenspeed_mla needs"
+        " Blackwell (is_blackwell_supported) and --kv-cache-dtype fp8_e4m3; 0.5.23 arg_groups/serving_hook.py:"
+        " a deprecated alias of cutedsl_mla that forces fp8_e4m3 KV"
+    ),
+    "rocm_rccl": (
+        "sglang 0.5.23 srt/arg_groups/overrides.py _deterministic_rocm_rccl_check (deterministic inference on ROCm"
+        " with tp > 2 refuses --disable-custom-all-reduce)"
+    ),
+    "fa4_prefill": "sglang 0.5.4-0.5.7 srt/server_args.py (FA4 backend is only supported for prefill)",
+    "trtllm_mla_arch": (
+        "srt/server_args.py _handle_attention_backend_compatibility: trtllm_mla needs is_sm100_supported in"
+        " 0.5.4, is_blackwell_supported (SM100/SM12x) from 0.5.5 (arg_groups/attention_hook.py from 0.5.20)"
+    ),
+    "fa4_arch": (
+        "srt/layers/attention/flashattention_backend.py (fa_impl_ver 4: flash_attn.cute for sm90/sm100/sm110;"
+        " an sm120 kernel from 0.5.18)"
     ),
     "rocm_kv_fp8": "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/mem_cache/kv_cache_dtype.py",
     "amd_ci_marker": "https://github.com/sgl-project/sglang/blob/main/python/sglang/test/test_utils.py is_in_amd_ci",
@@ -79,6 +105,10 @@ SOURCES: dict[str, str] = {
         " _check_cuda_device_version (sm90 needs CUDA 12.3; sm100/sm110/sm120 need CUDA 12.8)"
     ),
     "launcher": "mlaprop.server (the launcher owns --model-path, --host and --port)",
+    "argparse": (
+        "https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/server_args.py prepare_server_args"
+        " (plain argparse: unique prefixes, --name=value, last repeat wins); tables in mlaprop/data/sglang_options.json"
+    ),
 }
 
 
@@ -102,7 +132,20 @@ class Capabilities:
         kv_cache_dtypes: the ``--kv-cache-dtype`` choices (``fp4_e2m1`` 0.5.5-0.5.20; ``mxfp8``, ``nvfp4``,
             ``fp4_mx_block16`` from 0.5.16).
         kv_restrictions: backends that accept only some KV-cache dtypes (``trtllm_mla``: fp8_e4m3, fp4_e2m1,
-            bf16, auto; ``cutedsl_mla``: fp8_e4m3, bf16, bfloat16, auto); SGLang raises for others.
+            bf16, auto; ``cutedsl_mla``: fp8_e4m3, bf16, bfloat16, auto; ``tokenspeed_mla``: fp8_e4m3); SGLang
+            raises for others.
+        deepseek_needs_radix_backend: deterministic inference on a DeepSeek-family model raises unless the
+            backend is in the radix list (0.5.5+); 0.5.4 only disables the radix cache.
+        deterministic_deepseek_triton: the deterministic fallback on SM100/SM120 picks ``triton`` for
+            DeepSeek-family models (0.5.5+); 0.5.4 picks ``flashinfer`` for every model.
+        backend_aliases: backends SGLang renames before resolving (0.5.23: ``tokenspeed_mla`` ->
+            ``cutedsl_mla``).
+        rocm_rccl_check: deterministic inference on ROCm with tp > 2 refuses ``--disable-custom-all-reduce``
+            (0.5.23).
+        fa4_prefill_only: ``--attention-backend fa4`` raises "FA4 backend is only supported for prefill"
+            (0.5.4-0.5.7, ``srt/server_args.py``).
+        trtllm_mla_sm100_only: ``trtllm_mla`` needs SM100 (``is_sm100_supported``; 0.5.4), Blackwell
+            (``is_blackwell_supported``: SM100/SM110/SM12x) from 0.5.5.
     """
 
     version: str
@@ -113,6 +156,19 @@ class Capabilities:
     attention_backends: frozenset[AttentionBackend] = frozenset(AttentionBackend)
     kv_cache_dtypes: frozenset[KVCacheDtype] = frozenset(KVCacheDtype)
     kv_restrictions: tuple[tuple[AttentionBackend, frozenset[KVCacheDtype]], ...] = ()
+    deepseek_needs_radix_backend: bool = True
+    deterministic_deepseek_triton: bool = True
+    backend_aliases: tuple[tuple[AttentionBackend, AttentionBackend], ...] = ()
+    rocm_rccl_check: bool = False
+    fa4_prefill_only: bool = False
+    trtllm_mla_sm100_only: bool = False
+
+    def alias_of(self, backend: AttentionBackend) -> AttentionBackend:
+        """The backend SGLang runs for ``backend`` in this version (an alias resolved; else itself)."""
+        for old, new in self.backend_aliases:
+            if old is backend:
+                return new
+        return backend
 
     def kv_allowed_with(self, backend: AttentionBackend) -> frozenset[KVCacheDtype] | None:
         """The KV-cache dtypes ``backend`` accepts in this version, or ``None`` when it accepts all."""
@@ -122,8 +178,17 @@ class Capabilities:
         return None
 
     def deterministic_allowlist(self) -> list[str]:
-        """The allow-list as SGLang prints it, sorted: ``['fa3', 'flashinfer', 'triton']``."""
+        """The allow-list, sorted: ``['fa3', 'flashinfer', 'triton']``."""
         return sorted(b.value for b in self.deterministic_backends)
+
+    def printed(self, backends: frozenset[AttentionBackend]) -> str:
+        """A backend list as this SGLang version's messages print it (the list's ``repr``): in source order
+        (``flashinfer, fa3, triton, ascend``; radix ``fa3, triton, ascend``) up to 0.5.15, sorted from 0.5.16."""
+        names = {b.value for b in backends}
+        if Version(self.version) >= Version("0.5.16"):
+            return repr(sorted(names))
+        order = ("flashinfer", "fa3", "triton", "ascend")
+        return repr([n for n in order if n in names])
 
 
 def _rules(version: str) -> Capabilities:
@@ -139,6 +204,8 @@ def _rules(version: str) -> Capabilities:
     if v >= Version("0.5.19"):
         det.add(_B.INTEL_XPU)
     backends = set(AttentionBackend)
+    if v < Version("0.5.12"):
+        backends.discard(_B.TOKENSPEED_MLA)
     if v < Version("0.5.13"):
         backends.discard(_B.CUTEDSL_MLA)
     if v >= Version("0.5.20"):
@@ -151,16 +218,26 @@ def _rules(version: str) -> Capabilities:
     restrictions = (
         (_B.TRTLLM_MLA, frozenset({_K.FP8_E4M3, _K.FP4_E2M1, _K.BF16, _K.AUTO})),
         (_B.CUTEDSL_MLA, frozenset({_K.FP8_E4M3, _K.BF16, _K.BFLOAT16, _K.AUTO})),
+        (_B.TOKENSPEED_MLA, frozenset({_K.FP8_E4M3})),
     )
+    v054 = v < Version("0.5.5")
     return Capabilities(
         version=version,
         deterministic_backends=frozenset(det),
         radix_backends=frozenset(radix),
-        deterministic_resolves_first=v >= Version("0.5.12"),
-        rocm_fused_decode_mla_any_backend=v < Version("0.5.23"),
+        # 0.5.4 fills the MLA default at start-up (model_runner), after the deterministic pass; 0.5.5-0.5.11
+        # fill it in server_args before; 0.5.12+ run the deterministic pass first again.
+        deterministic_resolves_first=v054 or v >= Version("0.5.12"),
+        rocm_fused_decode_mla_any_backend=v < Version("0.5.16"),
         attention_backends=frozenset(backends),
         kv_cache_dtypes=frozenset(kv),
         kv_restrictions=restrictions,
+        deepseek_needs_radix_backend=not v054,
+        deterministic_deepseek_triton=not v054,
+        backend_aliases=((_B.TOKENSPEED_MLA, _B.CUTEDSL_MLA),) if v >= Version("0.5.23") else (),
+        rocm_rccl_check=v >= Version("0.5.23"),
+        fa4_prefill_only=v < Version("0.5.8"),
+        trtllm_mla_sm100_only=v054,
     )
 
 
@@ -260,13 +337,14 @@ _NVIDIA_ANY = frozenset({_B.TRITON, _B.FLASHINFER, _B.TORCH_NATIVE})
 _AMD_ANY = frozenset({_B.AITER, _B.TRITON, _B.WAVE, _B.TORCH_NATIVE})
 
 
-def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str) -> bool:
+def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str, version: str | None = None) -> bool:
     """Whether ``backend`` has kernels for this GPU (SGLang's attention backend support matrix), by
     architecture alone: SGLang's own CUDA-version checks are applied where SGLang applies them.
 
-    ``fa3`` needs Hopper (sm90); ``fa4`` sm100/sm110; ``flashmla`` sm90/sm100; ``cutlass_mla`` and
-    ``cutedsl_mla`` sm100; ``trtllm_mla`` Blackwell (sm100/sm110/sm120); ``aiter`` and ``wave`` ROCm only;
-    ``ascend`` and ``intel_xpu`` neither vendor.
+    ``fa3`` needs Hopper (sm90); ``fa4`` sm90/sm100/sm110, and sm120 from SGLang 0.5.18 (``version``;
+    ``None`` counts as the newest); ``flashmla`` sm90/sm100; ``cutlass_mla`` and ``cutedsl_mla`` sm100;
+    ``trtllm_mla`` and ``tokenspeed_mla`` Blackwell (sm100/sm110/sm120); ``aiter`` and ``wave`` ROCm only;
+    ``ascend`` and ``intel_xpu`` neither vendor. Source: ``SOURCES["hardware"]``, ``SOURCES["fa4_arch"]``.
     """
     if vendor is Vendor.AMD:
         return backend in _AMD_ANY
@@ -278,11 +356,12 @@ def backend_runs_on(backend: AttentionBackend, vendor: Vendor, arch: str) -> boo
     if backend is _B.FA3:
         return major == 9
     if backend is _B.FA4:
-        return major in (10, 11)
+        sm120 = version is None or Version(Version(version).base_version) >= Version("0.5.18")
+        return major in (9, 10, 11) or (major == 12 and sm120)
     if backend is _B.FLASHMLA:
         return major in (9, 10)
     if backend in (_B.CUTLASS_MLA, _B.CUTEDSL_MLA):
         return major == 10
-    if backend is _B.TRTLLM_MLA:
+    if backend in (_B.TRTLLM_MLA, _B.TOKENSPEED_MLA):
         return major in (10, 11, 12)
     return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
-from mlaprop.args import LAUNCHER_OWNED, Option, parse_args
+from mlaprop.args import LAUNCHER_OWNED, REFUSED, ServerArgs, read_server_args
 from mlaprop.capabilities import (
     NEWEST,
     SOURCES,
@@ -46,6 +46,7 @@ from mlaprop.redact import MASK, is_secret_name
 __all__ = [
     "DETERMINISTIC_FLAG",
     "FP4_KV_CACHE_DTYPES",
+    "SGLangRefusal",
     "UnsupportedCombination",
     "amd_signals",
     "compose",
@@ -66,12 +67,29 @@ class UnsupportedCombination(ValueError):
     accept it and fail at run time). The message names what was asked, why it cannot work, and what to do."""
 
 
+class SGLangRefusal(UnsupportedCombination):
+    """SGLang's own argument pipeline raises ``ValueError`` for the request; :attr:`sglang_message` is SGLang's
+    exact message (what the simulated server prints)."""
+
+    def __init__(self, message: str, sglang_message: str) -> None:
+        super().__init__(message)
+        self.sglang_message = sglang_message
+
+
 def deterministic_error(allowlist: list[str], backend: str) -> str:
     """SGLang's own message when deterministic inference meets a backend outside its allow-list
     (``srt/server_args.py`` ``_handle_deterministic_inference``)."""
     return (
         f"Currently only {allowlist} attention backends are supported for deterministic inference, "
         f"but you explicitly specified '{backend}'."
+    )
+
+
+def deterministic_error_printed(capabilities: Capabilities, backend: str) -> str:
+    """:func:`deterministic_error` with the allow-list printed as SGLang ``capabilities.version`` prints it."""
+    return (
+        f"Currently only {capabilities.printed(capabilities.deterministic_backends)} attention backends are "
+        f"supported for deterministic inference, but you explicitly specified '{backend}'."
     )
 
 
@@ -86,6 +104,7 @@ def amd_signals(environment: Environment) -> tuple[str, ...]:
         out.append(f"ROCm hardware ({environment.arch or 'unknown arch'})")
     if environment.torch_hip:
         out.append("torch.version.hip is set (SGLang's is_hip)")
+    out += [f"{signal} (probed on this machine)" for signal in environment.amd_evidence]
     marker = read_amd_marker(environment.ci)
     if marker.is_amd_signal:
         out.append(
@@ -112,6 +131,7 @@ def resolve_backend(
     tp_size: int,
     kv_heads: int,
     deepseek_family: bool,
+    check_radix: bool = False,
 ) -> tuple[AttentionBackend, tuple[Decision, ...]]:
     """Predict the attention backend SGLang resolves for an MLA model, step by step, as SGLang does.
 
@@ -125,9 +145,13 @@ def resolve_backend(
     Returns:
         the resolved backend and the :class:`Decision` (``PREDICTED``/``NOTED``) for each step.
 
+    ``check_radix``: also raise SGLang's DeepSeek radix-list ``ValueError`` (0.5.5+) instead of leaving it to
+    the caller (the simulated server resolves with it on; ``compose`` checks and avoids it itself).
+
     Raises:
-        UnsupportedCombination: SGLang would raise its deterministic ``ValueError`` (the backend, explicit or
-            defaulted, is outside ``capabilities.deterministic_backends``); the message is SGLang's.
+        SGLangRefusal: SGLang would raise its deterministic ``ValueError`` (the backend, explicit or
+            defaulted, is outside ``capabilities.deterministic_backends``, or with ``check_radix`` outside the
+            radix list for a DeepSeek-family model); ``sglang_message`` is SGLang's.
     """
     steps: list[Decision] = []
     allow = capabilities.deterministic_allowlist()
@@ -138,7 +162,8 @@ def resolve_backend(
         )
     elif deterministic and capabilities.deterministic_resolves_first:
         if not rocm and (is_sm100(arch, cuda_version) or is_sm120(arch, cuda_version)):
-            backend = _B.TRITON if deepseek_family else _B.FLASHINFER
+            triton = deepseek_family and capabilities.deterministic_deepseek_triton
+            backend = _B.TRITON if triton else _B.FLASHINFER
         else:
             backend = _B.FA3
         steps.append(
@@ -166,9 +191,33 @@ def resolve_backend(
                 backend, why = _B.TRITON, f"{arch} defaults to triton for MLA"
         steps.append(Decision(Action.PREDICTED, "--attention-backend", why, SOURCES["default_backend"]))
     if deterministic and backend not in capabilities.deterministic_backends:
-        raise UnsupportedCombination(
+        said = deterministic_error_printed(capabilities, backend.value)
+        raise SGLangRefusal(
             deterministic_error(allow, backend.value)
-            + f" (SGLang {capabilities.version}; deterministic allow-list: {', '.join(allow)})"
+            + f" (SGLang {capabilities.version}; deterministic allow-list: {', '.join(allow)})",
+            said,
+        )
+    if (
+        check_radix
+        and deterministic
+        and deepseek_family
+        and capabilities.deepseek_needs_radix_backend
+        and backend not in capabilities.radix_backends
+    ):
+        said = (
+            f"Currently only {capabilities.printed(capabilities.radix_backends)} attention backends are supported "
+            f"for deterministic inference with DeepSeek models. But you're using {backend}."
+        )
+        raise SGLangRefusal(said + f" (SGLang {capabilities.version})", said)
+    if capabilities.alias_of(backend) is not backend:
+        backend = capabilities.alias_of(backend)
+        steps.append(
+            Decision(
+                Action.PREDICTED,
+                "--attention-backend",
+                f"SGLang {capabilities.version} renames the deprecated {explicit} to {backend}",
+                SOURCES["tokenspeed_mla"],
+            )
         )
     if backend is _B.FA3 and kv_cache_dtype is KVCacheDtype.FP8_E5M2:
         backend = _B.TRITON
@@ -237,11 +286,35 @@ def _check_choices(
         )
 
 
-def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[Decision]]:
-    """Fold the user's extra arguments by name, last one wins; refuse launcher-owned options."""
-    merged: dict[str, Option] = {}
+def split_simulator_args(tokens: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split extra arguments into SGLang's and the simulated server's own ``--sim-*`` flags
+    (:mod:`mlaprop.simserver`; ``--sim-x value`` or ``--sim-x=value``). SGLang's parser would refuse the latter;
+    they are passed through, after SGLang's, for a server command that is the simulator."""
+    ours: list[str] = []
+    sim: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if isinstance(tok, str) and tok.startswith("--sim-"):
+            sim.append(tok)
+            if "=" not in tok and i + 1 < len(tokens) and not str(tokens[i + 1]).startswith("--"):
+                sim.append(tokens[i + 1])
+                i += 1
+        else:
+            ours.append(tok)
+        i += 1
+    return tuple(ours), tuple(sim)
+
+
+def _read_user_args(request: LaunchRequest, version: str) -> tuple[ServerArgs, list[Decision]]:
+    """Read the user's extra arguments as SGLang ``version`` reads them (prefixes, ``=`` forms, last one
+    wins); refuse launcher-owned options and those mlaprop cannot check (``--config``, ``--help``)."""
+    sglang_args, _ = split_simulator_args(request.extra_args)
+    user = read_server_args(sglang_args, version)
     notes: list[Decision] = []
-    for opt in parse_args(request.extra_args):
+    for opt in user.options:
+        said = user.spelled(opt.name)
+        said = f" ({said})" if said else ""
         if opt.name in LAUNCHER_OWNED:
             fix = (
                 "pass the model with mlaprop's --model"
@@ -249,9 +322,11 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
                 else "the launcher serves on 127.0.0.1, on a free port it picks itself; leave it out"
             )
             raise InvalidEnvironment(
-                f"{opt.name} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
+                f"{opt.name}{said} is set by mlaprop's launcher and cannot be an extra argument (SGLang reads "
                 f"unique prefixes such as --por as the full option): {fix}"
             )
+        if opt.name in REFUSED:
+            raise InvalidEnvironment(f"{opt.name}{said} cannot be an extra argument: {REFUSED[opt.name]}")
         if (
             is_secret_name(opt.name)
             and opt.value is not None
@@ -261,19 +336,29 @@ def _merge_user_args(request: LaunchRequest) -> tuple[dict[str, Option], list[De
                 f"{opt.name} holds characters other than printable ASCII, which the HTTP Authorization header "
                 "clients send it in cannot carry: use an ASCII key"
             )
-        if opt.name in merged:
-            shown = MASK if is_secret_name(opt.name) else opt.value
+    for name in user.repeated:
+        last = user.get(name)
+        values = last.values if last is not None else ()
+        shown = MASK if is_secret_name(name) else (" ".join(values) or name)
+        notes.append(
+            Decision(
+                Action.REPLACED,
+                name,
+                f"given more than once in the extra arguments; the last ({shown}) is used, as SGLang's argparse does",
+                "user extra arguments",
+            )
+        )
+    for opt in user.options:
+        if opt.abbreviated:
             notes.append(
                 Decision(
-                    Action.REPLACED,
+                    Action.NOTED,
                     opt.name,
-                    f"given more than once in the extra arguments; the last ({shown}) is used",
-                    "user extra arguments",
+                    f"{user.spelled(opt.name)} (argparse takes unique prefixes); mlaprop writes it in full",
+                    SOURCES["argparse"],
                 )
             )
-            del merged[opt.name]  # keep the position of the last occurrence
-        merged[opt.name] = opt
-    return merged, notes
+    return user, notes
 
 
 def compose(
@@ -306,6 +391,29 @@ def compose(
             listed in the message.
     """
     request = request if request is not None else LaunchRequest()
+    try:
+        return _compose(environment, request, capabilities)
+    except (UnsupportedCombination, InvalidEnvironment) as exc:
+        note = _abbreviation_note(request, environment.sglang_version)
+        if note and note not in str(exc):
+            raise type(exc)(f"{exc} (as SGLang reads the extra arguments: {note})") from None
+        raise
+
+
+def _abbreviation_note(request: LaunchRequest, version: str) -> str:
+    try:
+        return read_server_args(request.extra_args, version).abbreviations()
+    except (InvalidEnvironment, TypeError):
+        return ""
+
+
+def _compose(
+    environment: Environment,
+    request: LaunchRequest,
+    capabilities: Capabilities | None,
+) -> LaunchPlan:
+    """The body of :func:`compose`."""
+
     rocm = _check_environment(environment)
     known = capabilities_for(environment.sglang_version)  # validates the version
     caps = capabilities if capabilities is not None else known
@@ -335,11 +443,11 @@ def compose(
         )
 
     # 1. The user's extra arguments: fold the ones mlaprop composes, keep the rest.
-    user, merge_notes = _merge_user_args(request)
+    user, merge_notes = _read_user_args(request, environment.sglang_version)
     decisions += merge_notes
     backend = request.attention_backend
-    if "--attention-backend" in user:
-        user_backend = parse_enum(AttentionBackend, user["--attention-backend"].value, "attention backend")
+    if user.attention_backend is not None:
+        user_backend = parse_enum(AttentionBackend, user.attention_backend, "attention backend")
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -351,8 +459,8 @@ def compose(
         )
         backend = user_backend
     kv = request.kv_cache_dtype
-    if "--kv-cache-dtype" in user:
-        user_kv = parse_enum(KVCacheDtype, user["--kv-cache-dtype"].value, "KV-cache dtype")
+    if user.kv_cache_dtype is not None:
+        user_kv = parse_enum(KVCacheDtype, user.kv_cache_dtype, "KV-cache dtype")
         decisions.append(
             Decision(
                 Action.REPLACED,
@@ -363,8 +471,8 @@ def compose(
         )
         kv = user_kv
     tp = request.tp_size
-    if "--tp-size" in user:
-        raw_tp = user["--tp-size"].value or ""
+    if user.tp_size is not None:
+        raw_tp = user.tp_size
         if not raw_tp.isdigit() or int(raw_tp) < 1:
             raise InvalidEnvironment(f"--tp-size must be a whole number >= 1, got {raw_tp!r}")
         decisions.append(
@@ -373,7 +481,7 @@ def compose(
             )
         )
         tp = int(raw_tp)
-    user_forces_deterministic = DETERMINISTIC_FLAG in user
+    user_forces_deterministic = user.deterministic
     # 2. Deterministic inference: on NVIDIA, never where any AMD signal is present.
     signals = amd_signals(environment)
     wanted = request.deterministic or user_forces_deterministic
@@ -400,10 +508,23 @@ def compose(
             )
         )
     deterministic = False
+    dcar = user.get("--disable-custom-all-reduce") is not None
+    if caps.rocm_rccl_check and rocm and user_forces_deterministic and tp > 2 and dcar:
+        raise UnsupportedCombination(
+            f"SGLang {caps.version} refuses deterministic inference on ROCm with --tp-size {tp} and "
+            '--disable-custom-all-reduce: "the all-reduce would run through RCCL, which is not batch-invariant" '
+            f"({SOURCES['rocm_rccl']}); mlaprop leaves deterministic inference out on AMD anyway: remove "
+            f"{user.deterministic_by}"
+        )
     if wanted and signals:
         if user_forces_deterministic:
+            by = user.deterministic_by or DETERMINISTIC_FLAG
+            said = user.spelled(by)
+            how = (f"{said}, so {by}" if said else by) + " was passed as an extra argument"
+            if by != DETERMINISTIC_FLAG:
+                how += f" and turns SGLang's {DETERMINISTIC_FLAG} on (_handle_deterministic_inference)"
             raise UnsupportedCombination(
-                f"{DETERMINISTIC_FLAG} was passed as an extra argument, but this is an AMD/ROCm environment "
+                f"{how}, but this is an AMD/ROCm environment "
                 f"({'; '.join(signals)}): SGLang's ROCm MLA backend aiter is in no version's deterministic "
                 "allow-list, and triton on ROCm hits upstream bugs (sglang issue 23536). Remove the flag; "
                 "mlaprop leaves it out on AMD by design"
@@ -463,6 +584,7 @@ def compose(
         backend is not None
         and deterministic
         and request.deepseek_family
+        and caps.deepseek_needs_radix_backend
         and backend not in caps.radix_backends
     ):
         radix = sorted(b.value for b in caps.radix_backends)
@@ -473,17 +595,32 @@ def compose(
         )
     # SGLang replaces fa3 + fp8_e5m2 by triton before anything runs, so judge the backend that will run.
     runs = _B.TRITON if backend is _B.FA3 and kv is KVCacheDtype.FP8_E5M2 else backend
-    if runs is not None and not backend_runs_on(runs, hw_vendor, environment.arch):
+    if runs is not None and not backend_runs_on(runs, hw_vendor, environment.arch, caps.version):
         runnable = [
             b.value
             for b in sorted(caps.attention_backends, key=lambda b: b.value)
-            if backend_runs_on(b, hw_vendor, environment.arch)
+            if backend_runs_on(b, hw_vendor, environment.arch, caps.version)
         ]
         raise UnsupportedCombination(
             f"attention backend {backend} has no kernels for {hw_vendor} {environment.arch}"
             + f"; backends that run there: {', '.join(runnable)}"
         )
     # SGLang's own guards, which also check the CUDA version (srt/utils/common.py).
+    if backend is _B.FA4 and caps.fa4_prefill_only:
+        raise UnsupportedCombination(
+            f'SGLang {caps.version} refuses --attention-backend fa4: "FA4 backend is only supported for prefill" '
+            f"({SOURCES['fa4_prefill']}). Use fa3 or triton, or SGLang 0.5.8+"
+        )
+    if (
+        backend is _B.TRTLLM_MLA
+        and caps.trtllm_mla_sm100_only
+        and not is_sm100(environment.arch, environment.cuda_version)
+    ):
+        raise UnsupportedCombination(
+            f"attention backend trtllm_mla needs SM100 with CUDA >= 12.8 on SGLang {caps.version} (SM12x from "
+            f"0.5.5); this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to start "
+            f"({SOURCES['trtllm_mla_arch']}). Use triton"
+        )
     if backend is _B.TRTLLM_MLA and not is_blackwell(environment.arch, environment.cuda_version):
         raise UnsupportedCombination(
             f"attention backend trtllm_mla needs a Blackwell GPU (SM100/SM110/SM120) with CUDA >= 12.8; this is "
@@ -503,17 +640,38 @@ def compose(
             f"CUDA >= 12.8; this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to "
             "start. Use triton"
         )
-    if backend is _B.CUTEDSL_MLA and not is_sm100(environment.arch, environment.cuda_version):
+    if (
+        backend is _B.TOKENSPEED_MLA
+        and caps.alias_of(backend) is backend
+        and not is_blackwell(environment.arch, environment.cuda_version)
+    ):
         raise UnsupportedCombination(
-            f"attention backend cutedsl_mla needs SM100 with CUDA >= 12.8; this is {environment.arch} with CUDA "
+            f"attention backend tokenspeed_mla needs a Blackwell GPU (SM100/SM12x) with CUDA >= 12.8 on SGLang "
+            f"{caps.version}; this is {environment.arch} with CUDA {environment.cuda_version}: SGLang refuses to "
+            "start. Use triton"
+        )
+    if (
+        backend is not None
+        and caps.alias_of(backend) is _B.CUTEDSL_MLA
+        and not is_sm100(environment.arch, environment.cuda_version)
+    ):
+        raise UnsupportedCombination(
+            f"attention backend {backend} (cutedsl_mla on SGLang {caps.version}) needs SM100 with CUDA >= 12.8; this is {environment.arch} with CUDA "
             f"{environment.cuda_version}: SGLang refuses to start. Use triton"
         )
     allowed_kv = caps.kv_allowed_with(backend) if backend is not None else None
-    if allowed_kv is not None and kv not in allowed_kv:
+    if backend is not None and allowed_kv is not None and kv not in allowed_kv:
         choices = sorted(k.value for k in allowed_kv & caps.kv_cache_dtypes)
+        renamed = caps.alias_of(backend)
         raise UnsupportedCombination(
             f"attention backend {backend} accepts only {', '.join(choices)} KV cache on SGLang {caps.version}, "
             f"not {kv}; use --kv-cache-dtype fp8_e4m3 or another backend"
+            + (
+                f" (SGLang {caps.version} would run it as {renamed} and silently switch the KV cache to "
+                "fp8_e4m3, so the test would not test the KV dtype it asked for)"
+                if renamed is not backend
+                else ""
+            )
         )
 
     # 4. Predict SGLang's resolution; set the backend only where SGLang's own choice cannot run.
@@ -535,8 +693,9 @@ def compose(
         backend is None
         and deterministic
         and request.deepseek_family
+        and caps.deepseek_needs_radix_backend
         and predicted not in caps.radix_backends
-        and backend_runs_on(predicted, hw_vendor, environment.arch)
+        and backend_runs_on(predicted, hw_vendor, environment.arch, caps.version)
     ):
         radix = sorted(b.value for b in caps.radix_backends)
         decisions.append(
@@ -550,7 +709,7 @@ def compose(
             )
         )
         backend_flag = predicted = _B.TRITON
-    elif backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch):
+    elif backend is None and not backend_runs_on(predicted, hw_vendor, environment.arch, caps.version):
         decisions.append(
             Decision(
                 Action.ADDED,
@@ -568,7 +727,7 @@ def compose(
 
     # 5. Assemble argv, each option once.
     argv: list[str] = []
-    if request.trust_remote_code or "--trust-remote-code" in user:
+    if request.trust_remote_code or user.get("--trust-remote-code") is not None:
         argv.append("--trust-remote-code")
         decisions.append(
             Decision(Action.ADDED, "--trust-remote-code", "the test model ships custom code", SOURCES["test"])
@@ -621,24 +780,67 @@ def compose(
                     SOURCES["deterministic_allowlist"],
                 )
             )
-    for name, opt in user.items():
-        if name in _FOLDED or name == "--trust-remote-code":
+    for opt in user.options:
+        if opt.name in _FOLDED or opt.name == "--trust-remote-code":
             continue
         argv += opt.tokens()
-        decisions.append(Decision(Action.ADDED, name, "user extra argument", "user extra arguments"))
+        decisions.append(Decision(Action.ADDED, opt.name, "user extra argument", "user extra arguments"))
+
+    _, sim_args = split_simulator_args(request.extra_args)
+    if sim_args:
+        argv += sim_args
+        decisions.append(
+            Decision(
+                Action.ADDED,
+                "--sim-*",
+                "the simulated server's own flags, passed through last (SGLang itself would refuse them)",
+                "mlaprop.simserver",
+            )
+        )
 
     # 6. Environment variables for the server.
     env: dict[str, str] = {}
-    if rocm and predicted is _B.TRITON and caps.rocm_fused_decode_mla_any_backend:
+    users = environment.rocm_fused_decode_mla
+    if rocm and predicted is not _B.AITER and caps.rocm_fused_decode_mla_any_backend:
         env["SGLANG_ROCM_FUSED_DECODE_MLA"] = "0"
         decisions.append(
             Decision(
                 Action.ADDED,
                 "SGLANG_ROCM_FUSED_DECODE_MLA",
-                f"SGLang {caps.version} applies the fused ROCm MLA decode path to every backend, which breaks "
-                "triton's metadata; 0 turns it off",
+                f"SGLang {caps.version} (0.5.4 to 0.5.15.post1) takes the fused ROCm MLA decode path on every "
+                f"backend when this is true, which breaks {predicted}'s metadata; 0 turns it off (from 0.5.16 it "
+                "applies to aiter only)",
                 SOURCES["rocm_fused_decode_mla"],
             )
+        )
+        if users is not None and users != "0":
+            decisions.append(
+                Decision(
+                    Action.REPLACED,
+                    "SGLANG_ROCM_FUSED_DECODE_MLA",
+                    f"you set SGLANG_ROCM_FUSED_DECODE_MLA={users!r}; mlaprop sets 0 for the server, because "
+                    f"SGLang {caps.version} would take the fused aiter decode path on {predicted}",
+                    SOURCES["rocm_fused_decode_mla"],
+                )
+            )
+    elif rocm and users is not None and predicted is not _B.AITER:
+        decisions.append(
+            Decision(
+                Action.NOTED,
+                "SGLANG_ROCM_FUSED_DECODE_MLA",
+                f"your SGLANG_ROCM_FUSED_DECODE_MLA={users!r} is left as is: from 0.5.16 SGLang applies it to aiter "
+                f"only, and this plan runs {predicted}",
+                SOURCES["rocm_fused_decode_mla"],
+            )
+        )
+    # The plan as SGLang will read it: no spelling may bring deterministic inference to an AMD signal.
+    final = read_server_args(split_simulator_args(tuple(argv))[0], environment.sglang_version)
+    if final.deterministic != deterministic or (final.deterministic and signals):
+        raise UnsupportedCombination(
+            f"SGLang would read deterministic inference as {final.deterministic} from the plan "
+            f"{' '.join(argv)!r} (by {final.deterministic_by}), but mlaprop decided {deterministic}"
+            + (f" on an AMD/ROCm environment ({'; '.join(signals)})" if signals else "")
+            + ": remove that option from the extra arguments"
         )
     return LaunchPlan(
         argv=tuple(argv),

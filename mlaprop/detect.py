@@ -16,14 +16,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mlaprop.capabilities import NEWEST, capabilities_for, parse_arch
-from mlaprop.environment import CIMarkers, Environment, Vendor, parse_enum
+from mlaprop.environment import CIMarkers, Environment, InvalidEnvironment, Vendor, parse_enum
 
 __all__ = [
+    "AMD_ENV_VARS",
+    "AmdEvidence",
+    "HardwareConflict",
     "HardwareProbe",
     "apply_device_masks",
+    "check_override",
     "detect_environment",
     "parse_device_mask",
+    "probe_amd_evidence",
     "probe_hardware",
+    "simulation_platform",
 ]
 
 #: Probe commands get this long before they count as absent (seconds).
@@ -133,6 +139,140 @@ def probe_hardware() -> HardwareProbe:
                 )
             return found
     return torch_probe if torch_probe is not None else HardwareProbe()
+
+
+#: Environment variables that only a ROCm/HIP install sets or reads; any of them set is an AMD signal.
+AMD_ENV_VARS: tuple[str, ...] = (
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "HIP_PLATFORM",
+    "ROCM_PATH",
+    "HIP_PATH",
+)
+
+
+@dataclass(frozen=True)
+class AmdEvidence:
+    """Every AMD signal the machine gives, probed whatever the overrides say.
+
+    Attributes:
+        torch_hip: ``torch.version.hip`` (``"6.2.41133"``), ``None`` when unset or no torch.
+        tools: ROCm tools that listed a GPU (``"rocminfo: gfx942"``, ``"amd-smi"``).
+        kfd: ``/dev/kfd`` (the ROCm kernel driver's device) exists.
+        env_vars: :data:`AMD_ENV_VARS` that are set, as ``NAME=value``.
+    """
+
+    torch_hip: str | None = None
+    tools: tuple[str, ...] = ()
+    kfd: bool = False
+    env_vars: tuple[str, ...] = ()
+
+    def signals(self) -> tuple[str, ...]:
+        """The signals in words, for messages; empty when the machine shows nothing of AMD."""
+        out = []
+        if self.torch_hip:
+            out.append(f"torch.version.hip={self.torch_hip}")
+        out += list(self.tools)
+        if self.kfd:
+            out.append("/dev/kfd exists")
+        out += list(self.env_vars)
+        return tuple(out)
+
+    def hardware(self) -> bool:
+        """A ROCm GPU or driver is present (torch HIP build, a ROCm tool listing a GPU, ``/dev/kfd``); the
+        variables alone can be left over from a shared image."""
+        return bool(self.torch_hip or self.tools or self.kfd)
+
+
+def _torch_hip_version() -> str | None:
+    try:
+        import torch
+    except Exception:
+        return None
+    hip = getattr(getattr(torch, "version", None), "hip", None)
+    return str(hip) if hip else None
+
+
+def probe_amd_evidence(
+    environ: Mapping[str, str],
+    *,
+    torch_hip: Callable[[], str | None] = _torch_hip_version,
+    run: Callable[[list[str]], str | None] = lambda cmd: _run(cmd),
+    exists: Callable[[str], bool] = os.path.exists,
+) -> AmdEvidence:
+    """Probe every AMD signal: ``torch.version.hip``, ``rocminfo`` / ``amd-smi list``, ``/dev/kfd`` and
+    :data:`AMD_ENV_VARS`. Each probe is injectable; none raises (a failing probe is no signal)."""
+    tools = []
+    out = run(["rocminfo"])
+    if out:
+        archs = re.findall(r"^\s*Name:\s*(gfx[0-9a-f]+)\s*$", out, flags=re.MULTILINE)
+        if archs:
+            tools.append(f"rocminfo lists {archs[0]}")
+    out = run(["amd-smi", "list"])
+    if out and re.search(r"GPU\s*:?\s*\d", out):
+        tools.append("amd-smi lists a GPU")
+    return AmdEvidence(
+        torch_hip=torch_hip(),
+        tools=tuple(tools),
+        kfd=exists("/dev/kfd"),
+        env_vars=tuple(f"{k}={environ[k]}" for k in AMD_ENV_VARS if environ.get(k) not in (None, "")),
+    )
+
+
+class HardwareConflict(InvalidEnvironment):
+    """An override (``--vendor``/``--arch``, ``MLAPROP_VENDOR``/``MLAPROP_ARCH``) names another platform than
+    the machine's, for a command that runs on the machine (``run``, ``preflight``, the GPU tests)."""
+
+
+def check_override(
+    vendor: Vendor | None,
+    arch: str,
+    probed: HardwareProbe,
+    evidence: AmdEvidence,
+    *,
+    vendor_given: bool = True,
+) -> None:
+    """Refuse an override the machine contradicts. Pure.
+
+    Args:
+        vendor: the overriding vendor (given, or implied by ``arch``: ``sm*`` NVIDIA, ``gfx*`` AMD).
+        arch: the overriding architecture, ``""`` when none.
+        probed: what the hardware probe saw.
+        evidence: the machine's AMD signals.
+        vendor_given: ``vendor`` was given (``False``: implied by ``arch``), for the message.
+
+    Raises:
+        HardwareConflict: the override says NVIDIA but the machine shows an AMD signal; says AMD but the
+            machine has an NVIDIA GPU and no AMD signal; or names an architecture other than the probed one
+            of the same vendor. The message names the override and what the machine shows.
+    """
+    parts = [f"MLAPROP_VENDOR/--vendor={vendor}" if vendor and vendor_given else ""]
+    parts.append(f"MLAPROP_ARCH/--arch={arch}" if arch else "")
+    said = ", ".join(x for x in parts if x)
+    fix = "; unset the override (it is for previews with `mlaprop compose`) or run on the machine it names"
+    amd = evidence.signals() if evidence.hardware() else ()
+    if vendor is Vendor.NVIDIA and amd:
+        raise HardwareConflict(f"{said} says NVIDIA, but this machine shows AMD/ROCm: {'; '.join(amd)}{fix}")
+    if vendor is Vendor.AMD and probed.vendor is Vendor.NVIDIA and not amd:
+        raise HardwareConflict(
+            f"{said} says AMD, but this machine has NVIDIA {probed.arch or 'GPUs'} ({probed.source}) and no AMD "
+            f"signal{fix}"
+        )
+    same_vendor = probed.vendor is not Vendor.NONE and (vendor is None or probed.vendor is vendor)
+    if arch and probed.arch and same_vendor and arch.lower() != probed.arch.lower():
+        raise HardwareConflict(
+            f"{said} names {arch}, but this machine's GPU is {probed.arch} ({probed.source}){fix}"
+        )
+
+
+def simulation_platform(
+    vendor: str | None, arch: str | None, environ: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """The platform ``run --simulate`` plans for: the options, else ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH``,
+    else the H200 CI runner (``nvidia``, ``sm90``); returns ``(vendor, arch)`` for the run options."""
+    if vendor or arch or environ.get("MLAPROP_VENDOR") or environ.get("MLAPROP_ARCH"):
+        return vendor, arch
+    return "nvidia", "sm90"
 
 
 def parse_device_mask(value: str | None) -> tuple[str, ...] | None:
@@ -249,13 +389,20 @@ def detect_environment(
     vendor: Vendor | None = None,
     arch: str | None = None,
     sglang_version: str | None = None,
+    hardware_speaks: bool = False,
+    amd_probe: Callable[[Mapping[str, str]], AmdEvidence] = probe_amd_evidence,
 ) -> Environment:
     """Detect the environment from variables and hardware.
 
     Args:
         environ: environment variables; ``None`` reads ``os.environ``.
-        probe: hardware probe (injectable for tests); not called when both ``MLAPROP_VENDOR`` and
-            ``MLAPROP_ARCH`` are set.
+        probe: hardware probe (injectable for tests); for a preview not called when both ``MLAPROP_VENDOR``
+            and ``MLAPROP_ARCH`` are set.
+        hardware_speaks: the command runs on this machine (``run``, ``preflight``, the GPU tests): the probe
+            and every AMD signal (:func:`probe_amd_evidence`) are read whatever the overrides say, an
+            override the machine contradicts raises :class:`HardwareConflict`, and AMD evidence counts in
+            ``Environment.amd_evidence``. ``False`` (``compose``, ``run --simulate``): an override previews.
+        amd_probe: the AMD evidence probe (injectable for tests).
         vendor, arch, sglang_version: explicit overrides (the CLI's ``--vendor`` / ``--arch`` /
             ``--sglang-version``), taking precedence over ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` /
             ``MLAPROP_SGLANG_VERSION`` and read the same way.
@@ -266,6 +413,7 @@ def detect_environment(
     Raises:
         InvalidEnvironment: ``MLAPROP_VENDOR`` / ``MLAPROP_ARCH`` / ``MLAPROP_SGLANG_VERSION`` hold an
             unknown value; the message lists valid ones.
+        HardwareConflict: with ``hardware_speaks``, the override and the machine disagree (names both).
     """
     env = os.environ if environ is None else environ
     notes: list[str] = []
@@ -281,13 +429,20 @@ def detect_environment(
         if vendor is None:
             vendor = Vendor.NVIDIA if family == "sm" else Vendor.AMD
     hw = HardwareProbe()
-    if vendor is None or not arch:
+    evidence = AmdEvidence()
+    if vendor is None or not arch or hardware_speaks:
         hw = probe()
         notes.append(
             f"hardware probe {hw.source}: {hw.vendor} {hw.arch or '-'} x{hw.count}"
             if hw.vendor is not Vendor.NONE
             else "hardware probe: no GPU found by torch, nvidia-smi or rocminfo"  # was "none: none - x0"
         )
+    if hardware_speaks:
+        evidence = amd_probe(env)
+        if vendor_override or arch_override:
+            check_override(vendor, arch, hw, evidence, vendor_given=bool(vendor_override))
+        if evidence.signals():
+            notes.append(f"AMD signals on this machine: {'; '.join(evidence.signals())}")
     if vendor is None:
         vendor = hw.vendor
     elif hw.vendor not in (Vendor.NONE, vendor):
@@ -312,7 +467,9 @@ def detect_environment(
         vendor=vendor,
         arch=arch,
         gpu_count=count,
-        torch_hip=hw.torch_hip,
+        torch_hip=hw.torch_hip or bool(evidence.torch_hip),
+        amd_evidence=evidence.signals() if evidence.hardware() else (),
+        rocm_fused_decode_mla=env.get("SGLANG_ROCM_FUSED_DECODE_MLA"),
         cuda_version=hw.cuda_version if hw.cuda_version else None,
         ci=CIMarkers(env.get("SGLANG_IS_IN_CI"), env.get("SGLANG_IS_IN_CI_AMD")),
         sglang_version=version,

@@ -10,7 +10,10 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from mlaprop.args import ServerArgs
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -70,6 +73,7 @@ class AttentionBackend(_Choice):
     INTEL_XPU = "intel_xpu"
     TORCH_NATIVE = "torch_native"
     TRITON = "triton"
+    TOKENSPEED_MLA = "tokenspeed_mla"
     TRTLLM_MLA = "trtllm_mla"
     WAVE = "wave"
 
@@ -145,6 +149,10 @@ class Environment:
         ci: raw CI markers.
         sglang_version: the SGLang version the server will run, as ``"0.5.11"``.
         notes: facts detection found worth reporting (conflicting signals, masks); copied into plan decisions.
+        amd_evidence: AMD signals the machine itself gave (``rocminfo``, ``/dev/kfd``, a HIP torch), probed
+            for commands that run on the machine; each one keeps the deterministic flag out.
+        rocm_fused_decode_mla: the user's own ``SGLANG_ROCM_FUSED_DECODE_MLA`` (``None`` when unset); a plan
+            that overrides it says so.
     """
 
     vendor: Vendor = Vendor.NVIDIA
@@ -155,8 +163,12 @@ class Environment:
     ci: CIMarkers = field(default_factory=CIMarkers)
     sglang_version: str = "0.5.23"
     notes: tuple[str, ...] = ()
+    amd_evidence: tuple[str, ...] = ()
+    rocm_fused_decode_mla: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.amd_evidence, tuple):
+            object.__setattr__(self, "amd_evidence", tuple(self.amd_evidence))
         if not isinstance(self.vendor, Vendor):
             object.__setattr__(self, "vendor", parse_enum(Vendor, self.vendor, "GPU vendor"))
         if isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0:
@@ -268,6 +280,16 @@ class LaunchPlan:
     def __post_init__(self) -> None:
         if not isinstance(self.env, MappingProxyType):
             object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+
+    @property
+    def server_args(self) -> ServerArgs:
+        """The plan as SGLang ``sglang_version`` reads it: ``--model-path`` :attr:`model` and :attr:`argv`
+        (``host``/``port`` are the launcher's and read ``None`` here). See :func:`mlaprop.args.read_server_args`."""
+        from mlaprop.args import read_server_args
+        from mlaprop.compose import split_simulator_args
+
+        argv = split_simulator_args(self.argv)[0]
+        return read_server_args(["--model-path", self.model, *argv], self.sglang_version)
 
     def has_flag(self, flag: str) -> bool:
         """``True`` when ``flag`` (``--x`` or ``--x=value``) is in :attr:`argv`."""

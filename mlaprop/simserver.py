@@ -106,11 +106,9 @@ from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 
-from packaging.version import Version
-
-from mlaprop.capabilities import NEWEST, Capabilities, backend_runs_on, capabilities_for, is_blackwell
+from mlaprop.capabilities import NEWEST, backend_runs_on, capabilities_for
 from mlaprop.environment import AttentionBackend, KVCacheDtype, Vendor
 
 __all__ = ["DatasetRow", "SimModel", "load_dataset", "main", "resolve_attention_backend"]
@@ -135,68 +133,10 @@ _REASONING = tuple(_REASONING_TEXT.split())
 # --------------------------------------------------------------------------------------------------- rules
 
 
-def _listed(names: set[str], source_order: tuple[str, ...], version: str) -> str:
-    """A backend list as SGLang prints it: source order up to 0.5.15, sorted from 0.5.16."""
-    if Version(version) < Version("0.5.16"):
-        return repr([n for n in source_order if n in names])
-    return repr(sorted(names))
-
-
-def _allowlist_text(caps: Capabilities) -> str:
-    return _listed(
-        {b.value for b in caps.deterministic_backends},
-        ("flashinfer", "fa3", "triton", "ascend"),
-        caps.version,
-    )
-
-
-def _radix_text(caps: Capabilities) -> str:
-    return _listed({b.value for b in caps.radix_backends}, ("fa3", "triton", "ascend"), caps.version)
-
-
-def _default_backend(vendor: Vendor, arch: str, kv_heads_per_rank: int) -> str:
-    """SGLang's ``get_default_attn_backend`` for an MLA model (Hopper assumed to have CUDA >= 12.3)."""
-    if vendor is Vendor.AMD:
-        return "aiter" if kv_heads_per_rank in (16, 128) else "triton"
-    arch = arch.strip().lower()
-    if arch == "sm90":
-        return "fa3"
-    if arch in ("sm100", "sm103"):
-        return "flashinfer"
-    return "triton"
-
-
-def _handle_deterministic_inference(
-    caps: Capabilities, vendor: Vendor, arch: str, backend: str | None, kv_heads_per_rank: int, log: list[str]
-) -> str:
-    """The deterministic pass of SGLang's ``ServerArgs`` (``_handle_deterministic_inference``).
-
-    Raises:
-        ValueError: SGLang's exact message when the backend is outside the allow-list or the radix list.
-    """
-    allowed = {b.value for b in caps.deterministic_backends}
-    if backend is None and caps.deterministic_resolves_first:
-        # SM100/SM120 with a DeepSeek-family model -> triton; Hopper and older, ROCm included -> fa3
-        backend = "triton" if is_blackwell(arch) and vendor is Vendor.NVIDIA else "fa3"
-        log.append(
-            f"Attention backend not specified. Falling back to '{backend}' for deterministic inference. "
-            f"You can explicitly set --attention-backend to one of {_allowlist_text(caps)}."
-        )
-    elif backend is None:
-        backend = _default_backend(vendor, arch, kv_heads_per_rank)
-        log.append(f"Attention backend not specified. Use {backend} backend by default.")
-    if backend not in allowed:
-        # Up to 0.5.11 this also fires for a default SGLang filled in itself: the ROCm CI failure.
-        raise ValueError(
-            f"Currently only {_allowlist_text(caps)} attention backends are supported for deterministic "
-            f"inference, but you explicitly specified '{backend}'."
-        )
-    if backend not in {b.value for b in caps.radix_backends}:
-        raise ValueError(
-            f"Currently only {_radix_text(caps)} attention backends are supported for deterministic "
-            f"inference with DeepSeek models. But you're using {backend}."
-        )
-    return backend
+def _handle_deterministic_inference(message: str) -> NoReturn:
+    """Raise SGLang's ``ValueError`` from a frame named as SGLang's (``ServerArgs._handle_deterministic_inference``),
+    so the simulated traceback reads like the real one."""
+    raise ValueError(message) from None
 
 
 def resolve_attention_backend(
@@ -212,25 +152,60 @@ def resolve_attention_backend(
 ) -> tuple[str, list[str]]:
     """The attention backend SGLang ``version`` resolves to for the test model, and the lines it logs.
 
+    The resolution is :func:`mlaprop.compose.resolve_backend` (one rule source: the simulator and ``compose``
+    cannot disagree), with the radix-list check on; a CUDA version is taken as new enough.
+
     Raises:
-        ValueError: SGLang's deterministic-inference message (see :func:`_handle_deterministic_inference`).
+        ValueError: SGLang's deterministic-inference message (allow-list or DeepSeek radix list), exactly.
         mlaprop.environment.InvalidEnvironment: unknown version or architecture.
     """
+    from mlaprop.compose import SGLangRefusal, deterministic_error_printed, resolve_backend
+
     caps = capabilities_for(version)
     log: list[str] = []
-    heads = kv_heads // max(tp_size, 1)
-    backend = attention_backend
-    if deterministic:
-        backend = _handle_deterministic_inference(caps, vendor, arch, backend, heads, log)
-    elif backend is None:
-        backend = _default_backend(vendor, arch, heads)
-        log.append(f"Attention backend not specified. Use {backend} backend by default.")
-    if backend == "fa3" and kv_cache_dtype == KVCacheDtype.FP8_E5M2.value:
-        log.append(
-            "FlashAttention3 only supports fp8_e4m3 if using FP8; Setting attention backend to triton."
+    known = {b.value for b in AttentionBackend}
+    if attention_backend is not None and attention_backend not in known:
+        # a backend mlaprop does not model: outside every deterministic allow-list
+        if deterministic:
+            raise ValueError(deterministic_error_printed(caps, attention_backend))
+        return attention_backend, log
+    try:
+        kv = KVCacheDtype(kv_cache_dtype)
+    except ValueError:
+        kv = KVCacheDtype.AUTO
+    try:
+        backend, steps = resolve_backend(
+            rocm=vendor is Vendor.AMD,
+            arch=arch,
+            cuda_version=None,
+            capabilities=caps,
+            deterministic=deterministic,
+            explicit=AttentionBackend(attention_backend) if attention_backend is not None else None,
+            kv_cache_dtype=kv,
+            tp_size=max(tp_size, 1),
+            kv_heads=kv_heads,
+            deepseek_family=True,
+            check_radix=True,
         )
-        backend = "triton"
-    return backend, log
+    except SGLangRefusal as exc:
+        _handle_deterministic_inference(exc.sglang_message)
+    for step in steps:
+        if "deterministic pass" in step.reason:
+            log.append(
+                f"Attention backend not specified. Falling back to '{step.reason.split(' picks ')[1].split()[0]}' "
+                "for deterministic inference. You can explicitly set --attention-backend to one of "
+                f"{caps.printed(caps.deterministic_backends)}."
+            )
+        elif "fp8_e5m2" in step.reason:
+            log.append(
+                "FlashAttention3 only supports fp8_e4m3 if using FP8; Setting attention backend to triton."
+            )
+        elif not step.reason.startswith("explicit"):
+            switched = any("fp8_e5m2" in later.reason for later in steps)
+            log.append(
+                f"Attention backend not specified. Use {'fa3' if switched else backend} backend by default."
+            )
+    return backend.value, log
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -876,7 +851,9 @@ def _load_model(config: _Config) -> None:
     args = config.args
     vendor = Vendor.AMD if args.sim_platform == "rocm" else Vendor.NVIDIA
     known = config.backend in {b.value for b in AttentionBackend}
-    if known and not backend_runs_on(AttentionBackend(config.backend), vendor, args.sim_arch):
+    if known and not backend_runs_on(
+        AttentionBackend(config.backend), vendor, args.sim_arch, args.sim_sglang_version
+    ):
         raise RuntimeError(
             f"attention backend '{config.backend}' has no kernels for this GPU "
             f"({args.sim_platform} {args.sim_arch}); it passed argument checking but cannot run"
@@ -886,7 +863,7 @@ def _load_model(config: _Config) -> None:
     if (
         vendor is Vendor.AMD
         and fused
-        and config.backend == "triton"
+        and config.backend != "aiter"
         and caps.rocm_fused_decode_mla_any_backend
     ):
         raise RuntimeError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from mlaprop.args import OptionSpec, option_table, read_server_args
 from mlaprop.capabilities import KNOWN_VERSIONS
 from mlaprop.environment import (
     AttentionBackend,
@@ -149,3 +150,55 @@ hostile_masks = st.one_of(
     ),
     st.text(alphabet="0123456789,-GPU ab", max_size=12),
 )
+
+
+# --- SGLang argv drawn from a version's real option table (mlaprop/data/sglang_options.json) -----------
+
+for _version in KNOWN_VERSIONS:  # build each version's parser once, outside any Hypothesis deadline
+    read_server_args((), _version)
+
+#: Options whose values steer the launch in ways these strategies should not draw at random (the launcher's
+#: own, files to read, help, and values that need a real path or URL).
+_NOT_DRAWN = ("--model-path", "--host", "--port", "--config", "--help")
+_VALUES = ("1", "2", "8", "auto", "0.8", "x")
+
+
+def _spellings(spec: OptionSpec, table_version: str) -> st.SearchStrategy[str]:
+    """A spelling argparse reads as ``spec``: one of its strings, or a unique prefix of one."""
+    table = option_table(table_version)
+    full = [s for s in spec.strings if s.startswith("--")]
+    prefixes = [
+        s[:n]
+        for s in full
+        for n in range(4, len(s))
+        if table.resolve(s[:n]) is spec and s[:n] not in table.by_string
+    ]
+    return st.sampled_from(full + prefixes[:12]) if prefixes else st.sampled_from(full)
+
+
+@st.composite
+def sglang_option(draw: st.DrawFn, version: str, names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """One option of SGLang ``version`` as argv tokens, drawn from its real option table: any spelling
+    argparse accepts (full, alias, unique prefix), ``--opt value`` or ``--opt=value``, a choice when the
+    table keeps them. ``names`` limits the draw to those options."""
+    table = option_table(version)
+    pool = [
+        o
+        for o in table.options
+        if (names is None or o.name in names) and o.name not in _NOT_DRAWN and o.nargs in (None, 0)
+    ]
+    spec = draw(st.sampled_from(pool))
+    spelling = draw(_spellings(spec, table.version))
+    if spec.switch:
+        return (spelling,)
+    value = draw(st.sampled_from(spec.choices if spec.choices else _VALUES))
+    return (f"{spelling}={value}",) if draw(st.booleans()) else (spelling, value)
+
+
+def sglang_argv(
+    version: str, names: tuple[str, ...] | None = None, max_options: int = 4
+) -> st.SearchStrategy[tuple[str, ...]]:
+    """Several :func:`sglang_option` draws, flattened (repeats allowed: argparse keeps the last)."""
+    return st.lists(sglang_option(version, names), max_size=max_options).map(
+        lambda xs: tuple(t for x in xs for t in x)
+    )

@@ -191,7 +191,7 @@ class TestFoundByNewUsers:
                 "--",
                 "--admin-api-key",
                 "sekrit123",
-                "--hf-token",
+                "--ssl-keyfile-password",
                 "sekrit123",
             ),
             ("compose", "--arch", "sm90", "--", "--api-ke", "sekrit123"),

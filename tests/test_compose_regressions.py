@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mlaprop.capabilities import capabilities_for
@@ -12,6 +14,7 @@ from mlaprop.environment import (
     AttentionBackend,
     CIMarkers,
     Environment,
+    InvalidEnvironment,
     KVCacheDtype,
     LaunchRequest,
     Vendor,
@@ -347,3 +350,270 @@ def test_prerelease_versions_say_which_rules_apply(version):  # type: ignore[no-
     """A pre-release, development or local SGLang build composes with its release's rules and says so."""
     plan = compose(Environment(sglang_version=version))
     assert any("the rules of 0.5.11 are used" in d.reason for d in plan.decisions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spellings SGLang's argparse accepts (issue 9): every check applies to what SGLang will read
+# ---------------------------------------------------------------------------------------------------------
+
+_AMD = Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, cuda_version=None, gpu_count=8)
+_H200 = Environment(vendor=Vendor.NVIDIA, arch="sm90", gpu_count=1, cuda_version="12.8")
+
+
+@pytest.mark.parametrize("version", ["0.5.4", "0.5.11", "0.5.23"])
+@pytest.mark.parametrize(
+    ("env", "extra", "error", "match"),
+    [
+        (
+            _AMD,
+            ("--enable-det",),
+            UnsupportedCombination,
+            r"`--enable-det` is SGLang's `--enable-deterministic-inference`.*AMD/ROCm",
+        ),
+        (
+            _AMD,
+            ("--enable-deterministic-inf", "--log-level", "info"),
+            UnsupportedCombination,
+            r"`--enable-deterministic-inf` is SGLang's `--enable-deterministic-inference`",
+        ),
+        (
+            _H200,
+            ("--attention-back", "aiter"),
+            UnsupportedCombination,
+            r"aiter.*`--attention-back` is SGLang's `--attention-backend`",
+        ),
+        (
+            _H200,
+            ("--attention-backend=aiter",),
+            UnsupportedCombination,
+            r"attention backend aiter",
+        ),
+        (
+            _H200,
+            ("--tp-s", "8"),
+            UnsupportedCombination,
+            r"size 8 needs 8 GPUs.*`--tp-s` is SGLang's `--tp-size`",
+        ),
+        (_H200, ("--tp-size=8",), UnsupportedCombination, r"size 8 needs 8 GPUs"),
+        (
+            _H200,
+            ("--kv-cache", "mxfp8"),
+            UnsupportedCombination,
+            r"mxfp8 needs an NVIDIA Blackwell.*`--kv-cache` is SGLang's `--kv-cache-dtype`",
+        ),
+        (_H200, ("--por", "1"), InvalidEnvironment, r"`--por` is SGLang's `--port`.*launcher"),
+        (_H200, ("--model-pa", "x"), InvalidEnvironment, r"`--model-pa` is SGLang's `--model-path`"),
+        (_H200, ("--hos=0.0.0.0",), InvalidEnvironment, r"`--hos` is SGLang's `--host`"),
+        (_H200, ("--conf", "x.yaml"), InvalidEnvironment, r"--config.*further options from that file"),
+    ],
+    ids=[
+        "amd-enable-det",
+        "amd-enable-deterministic-inf",
+        "attention-back-aiter",
+        "attention-backend=aiter",
+        "tp-s-8",
+        "tp-size=8",
+        "kv-cache-mxfp8",
+        "por",
+        "model-pa",
+        "hos=",
+        "conf",
+    ],
+)
+def test_sglang_spelling_cannot_bypass_a_rule(env, extra, error, match, version):  # type: ignore[no-untyped-def]
+    """Each spelling SGLang's argparse reads as a refused option (prefix, ``=`` form) is refused, and the
+    message names what SGLang would have read."""
+    if "mxfp8" in extra and version != "0.5.23":
+        pytest.skip("mxfp8 exists from 0.5.16")
+    with pytest.raises(error, match=match):
+        compose(replace(env, sglang_version=version), LaunchRequest(extra_args=extra))
+
+
+def test_kv_cache_prefix_is_folded_not_duplicated():
+    """``--kv-cache fp8_e4m3`` replaces the requested KV dtype (it is SGLang's ``--kv-cache-dtype``): one
+    ``--kv-cache-dtype`` in the plan, written in full, and SGLang's reading of the plan agrees."""
+    plan = compose(_H200, LaunchRequest(extra_args=("--kv-cache", "fp8_e4m3")))
+    assert plan.argv.count("--kv-cache-dtype") == 1 and "--kv-cache" not in plan.argv
+    assert plan.server_args.kv_cache_dtype == "fp8_e4m3"
+    assert plan.attention_backend is B.FA3
+
+
+def test_rl_on_policy_target_implies_deterministic_and_is_refused_on_amd():
+    """``--rl-on-policy-target`` turns deterministic inference on in SGLang 0.5.5+
+    (``_handle_deterministic_inference``): refused on AMD, prefix included; 0.5.4 has no such option."""
+    for extra in (("--rl-on-policy-target", "fsdp"), ("--rl-on", "fsdp")):
+        with pytest.raises(UnsupportedCombination, match=r"--rl-on-policy-target.*turns SGLang's"):
+            compose(_AMD, LaunchRequest(extra_args=extra))
+    with pytest.raises(InvalidEnvironment, match=r"SGLang 0.5.4's parser.*unrecognized arguments: --rl-on"):
+        compose(replace(_AMD, sglang_version="0.5.4"), LaunchRequest(extra_args=("--rl-on", "fsdp")))
+
+
+@pytest.mark.parametrize("version", ["0.5.4", "0.5.11", "0.5.23"])
+def test_plan_server_args_reads_the_plan_as_sglang(version):
+    """``LaunchPlan.server_args`` is SGLang's reading of the plan: backend, KV dtype, tp, deterministic, the
+    model from the launcher's ``--model-path``."""
+    env = replace(_H200, gpu_count=2, sglang_version=version)
+    plan = compose(env, LaunchRequest(tp_size=2, extra_args=("--api-key=k1", "--load-format", "dummy")))
+    read = plan.server_args
+    assert (read.kv_cache_dtype, read.tp_size, read.deterministic) == ("fp8_e5m2", "2", True)
+    assert (read.api_key, read.load_format, read.model_path) == ("k1", "dummy", plan.model)
+    assert read.host is None and read.port is None
+
+
+def test_unknown_option_is_refused_as_sglang_would():
+    """An option SGLang's parser does not know exits 2 there; mlaprop refuses it up front, naming it."""
+    with pytest.raises(InvalidEnvironment, match=r"unrecognized arguments: --no-such-flag"):
+        compose(_H200, LaunchRequest(extra_args=("--no-such-flag",)))
+
+
+def test_refused_argument_error_masks_secret_values():
+    """argparse's complaint echoes the tokens it refuses; a secret option's value never shows in it."""
+    with pytest.raises(InvalidEnvironment) as info:
+        compose(_H200, LaunchRequest(extra_args=("--hf-token", "sekrit123", "--api-key=othersecret456")))
+    assert "unrecognized arguments" in str(info.value)
+    assert "sekrit123" not in str(info.value) and "othersecret456" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules read from each release's wheel (issue 9)
+# ---------------------------------------------------------------------------------------------------------
+
+_MI300X_TP2 = Environment(vendor=Vendor.AMD, arch="gfx942", torch_hip=True, cuda_version=None, gpu_count=2)
+_B200 = Environment(vendor=Vendor.NVIDIA, arch="sm100", gpu_count=1, cuda_version="12.8")
+
+
+@pytest.mark.parametrize(
+    ("version", "set_to_0"),
+    [
+        ("0.5.4", True),
+        ("0.5.11", True),
+        ("0.5.15", True),
+        ("0.5.16", False),
+        ("0.5.22", False),
+        ("0.5.23", False),
+    ],
+)
+def test_rocm_fused_decode_mla_quirk_per_version(version, set_to_0):  # type: ignore[no-untyped-def]
+    """SGLang's ROCm fused MLA decode path applies to every backend up to 0.5.15.post1 and to aiter alone from
+    0.5.16 (PR 30355, ``_dispatch_mla_subtype``): triton on ROCm (tp 2) gets SGLANG_ROCM_FUSED_DECODE_MLA=0
+    exactly up to 0.5.15, and the decision says which versions."""
+    plan = compose(replace(_MI300X_TP2, sglang_version=version), LaunchRequest(tp_size=2))
+    assert plan.attention_backend is B.TRITON
+    assert (plan.env.get("SGLANG_ROCM_FUSED_DECODE_MLA") == "0") is set_to_0
+    reasons = _decided(plan, Action.ADDED, "SGLANG_ROCM_FUSED_DECODE_MLA")
+    assert bool(reasons) is set_to_0
+    if reasons:
+        assert "0.5.4 to 0.5.15.post1" in reasons[0] and "0.5.20" not in reasons[0]
+
+
+def test_users_own_fused_decode_value_is_named_when_overridden():
+    """A user's SGLANG_ROCM_FUSED_DECODE_MLA=1 overridden by the plan is said so; on 0.5.16+ it is left and
+    noted."""
+    env = replace(_MI300X_TP2, sglang_version="0.5.11", rocm_fused_decode_mla="1")
+    plan = compose(env, LaunchRequest(tp_size=2))
+    replaced = _decided(plan, Action.REPLACED, "SGLANG_ROCM_FUSED_DECODE_MLA")
+    assert plan.env["SGLANG_ROCM_FUSED_DECODE_MLA"] == "0"
+    assert replaced and "you set SGLANG_ROCM_FUSED_DECODE_MLA='1'" in replaced[0]
+    newer = compose(replace(env, sglang_version="0.5.16"), LaunchRequest(tp_size=2))
+    assert "SGLANG_ROCM_FUSED_DECODE_MLA" not in newer.env
+    assert _decided(newer, Action.NOTED, "SGLANG_ROCM_FUSED_DECODE_MLA")
+
+
+def test_detect_keeps_the_users_fused_decode_value():
+    """detect_environment carries the user's SGLANG_ROCM_FUSED_DECODE_MLA into the Environment."""
+    env = detect_environment(
+        {"SGLANG_ROCM_FUSED_DECODE_MLA": "1", "MLAPROP_SGLANG_VERSION": "0.5.11"},
+        _probe(Vendor.AMD, "gfx942", hip=True, cuda=None),
+    )
+    assert env.rocm_fused_decode_mla == "1"
+
+
+def test_0_5_4_blackwell_deepseek_deterministic_is_flashinfer():
+    """0.5.4's deterministic pass runs before the MLA default (filled at start-up in model_runner) and picks
+    flashinfer on SM100 for every model; a backend outside fa3/triton only disables the radix cache there, so
+    flashinfer is a plan, not a refusal (0.5.5+ refuse it for DeepSeek)."""
+    env = replace(_B200, sglang_version="0.5.4")
+    plan = compose(env)
+    assert plan.deterministic and plan.attention_backend is B.FLASHINFER
+    assert plan.option("--attention-backend") is None
+    explicit = compose(env, LaunchRequest(attention_backend=B.FLASHINFER))
+    assert explicit.attention_backend is B.FLASHINFER
+    with pytest.raises(UnsupportedCombination, match="DeepSeek-family"):
+        compose(replace(env, sglang_version="0.5.5"), LaunchRequest(attention_backend=B.FLASHINFER))
+
+
+def test_0_5_4_rocm_deterministic_pass_runs_first():
+    """On 0.5.4 the ROCm deterministic fallback (fa3, then triton for fp8_e5m2 at start-up) is what SGLang
+    resolves; mlaprop still leaves the flag out on AMD."""
+    caps = capabilities_for("0.5.4")
+    backend, _ = resolve_backend(
+        rocm=True,
+        arch="gfx942",
+        cuda_version=None,
+        capabilities=caps,
+        deterministic=True,
+        explicit=None,
+        kv_cache_dtype=KVCacheDtype.FP8_E5M2,
+        tp_size=1,
+        kv_heads=16,
+        deepseek_family=True,
+    )
+    assert backend is B.TRITON and caps.deterministic_resolves_first
+
+
+@pytest.mark.parametrize(
+    ("version", "env", "kv", "outcome"),
+    [
+        ("0.5.11", _B200, "fp8_e4m3", "has no --attention-backend tokenspeed_mla"),
+        ("0.5.12", _B200, "fp8_e4m3", B.TOKENSPEED_MLA),
+        ("0.5.22", replace(_B200, arch="sm120"), "fp8_e4m3", B.TOKENSPEED_MLA),
+        ("0.5.12", _B200, "fp8_e5m2", "accepts only fp8_e4m3"),
+        ("0.5.12", _H200, "fp8_e4m3", "no kernels for nvidia sm90"),
+        ("0.5.23", _B200, "fp8_e4m3", B.CUTEDSL_MLA),
+        ("0.5.23", _B200, "fp8_e5m2", "silently switch the KV cache"),
+        ("0.5.23", replace(_B200, arch="sm120"), "fp8_e4m3", "cutedsl_mla on SGLang 0.5.23"),
+    ],
+)
+def test_tokenspeed_mla(version, env, kv, outcome):  # type: ignore[no-untyped-def]
+    """tokenspeed_mla exists from 0.5.12, needs Blackwell and fp8_e4m3 KV (server_args.py 0.5.12); 0.5.23
+    renames it to cutedsl_mla (serving_hook.py), which needs SM100, and forces fp8_e4m3 KV."""
+    req = LaunchRequest(
+        attention_backend=B.TOKENSPEED_MLA, kv_cache_dtype=KVCacheDtype(kv), deterministic=False
+    )
+    env = replace(env, sglang_version=version)
+    if isinstance(outcome, AttentionBackend):
+        plan = compose(env, req)
+        assert plan.attention_backend is outcome and plan.option("--attention-backend") == "tokenspeed_mla"
+    else:
+        with pytest.raises(UnsupportedCombination, match=outcome):
+            compose(env, req)
+
+
+@pytest.mark.parametrize(
+    ("version", "arch", "runs"),
+    [
+        ("0.5.16", "sm90", True),
+        ("0.5.16", "sm100", True),
+        ("0.5.16", "sm120", False),
+        ("0.5.18", "sm120", True),
+    ],
+)
+def test_fa4_architecture_gate(version, arch, runs):  # type: ignore[no-untyped-def]
+    """fa4 (flash_attn.cute, flashattention_backend.py fa_impl_ver 4) runs on sm90/sm100/sm110, and on sm120
+    from 0.5.18 (its sm120 kernel)."""
+    env = replace(_H200, arch=arch, sglang_version=version)
+    req = LaunchRequest(attention_backend=B.FA4, deterministic=False, kv_cache_dtype=KVCacheDtype.AUTO)
+    if runs:
+        assert compose(env, req).attention_backend is B.FA4
+    else:
+        with pytest.raises(UnsupportedCombination, match="no kernels"):
+            compose(env, req)
+
+
+def test_0_5_23_rocm_rccl_check_is_named():
+    """0.5.23 refuses deterministic inference on ROCm with tp > 2 and --disable-custom-all-reduce
+    (overrides.py _deterministic_rocm_rccl_check); mlaprop's refusal quotes that rule."""
+    env = replace(_AMD, sglang_version="0.5.23")
+    req = LaunchRequest(tp_size=4, extra_args=("--enable-det", "--disable-custom-all"))
+    with pytest.raises(UnsupportedCombination, match=r"RCCL, which is not batch-invariant"):
+        compose(env, req)

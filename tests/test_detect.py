@@ -7,10 +7,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlaprop.args import parse_args
+from mlaprop.args import read_server_args
 from mlaprop.ci import envbool, is_in_amd_ci_test_utils, read_amd_marker
-from mlaprop.compose import UnsupportedCombination, compose
-from mlaprop.detect import HardwareProbe, apply_device_masks, detect_environment, parse_device_mask
+from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, compose
+from mlaprop.detect import (
+    AmdEvidence,
+    HardwareConflict,
+    HardwareProbe,
+    apply_device_masks,
+    detect_environment,
+    parse_device_mask,
+    probe_amd_evidence,
+    simulation_platform,
+)
 from mlaprop.environment import CIMarkers, Environment, InvalidEnvironment, Vendor
 from tests import strategies as S
 
@@ -178,30 +187,148 @@ class TestOverrides:
 
 
 class TestParseArgs:
-    """Tests for SGLang argument parsing."""
+    """Tests for SGLang argument reading (argparse semantics with the version's option table)."""
 
     def test_forms(self):
-        """``--x v``, ``--x=v``, switches, negative numbers as values, and aliases are read right."""
-        opts = parse_args(
-            ["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"]
+        """``--x v``, ``--x=v``, switches, negative numbers as values, prefixes and aliases are read as
+        argparse reads them; the last repeat wins."""
+        read = read_server_args(
+            ["--tp", "2", "--random-seed", "-1", "--disable-cuda-graph", "--tensor-parallel-size=4"], "0.5.23"
         )
-        assert [(o.name, o.value) for o in opts] == [
-            ("--tp-size", "2"),
-            ("--random-seed", "-1"),
-            ("--disable-cuda-graph", None),
-            ("--tp-size", "4"),
+        assert [(o.name, o.values) for o in read.options] == [
+            ("--random-seed", ("-1",)),
+            ("--disable-cuda-graph", ()),
+            ("--tp-size", ("4",)),
         ]
+        assert read.tp_size == "4" and read.repeated == ("--tp-size",)
 
     @pytest.mark.parametrize(
         ("tokens", "match"),
         [
-            (["triton"], "is not an option"),
-            (["--attention-backend"], "needs a value"),
-            (["--trust-remote-code=1"], "takes no value"),
-            (["--kv-cache-dtype="], "needs a value"),
+            (["triton"], "unrecognized arguments: triton"),
+            (["--attention-backend"], "expected one argument"),
+            (["--trust-remote-code=1"], "ignored explicit argument"),
+            (["--mod", "x"], "ambiguous option: --mod"),
+            (["--no-such-option", "1"], "unrecognized arguments"),
         ],
     )
     def test_errors_say_how_to_write_it(self, tokens, match):  # type: ignore[no-untyped-def]
-        """Malformed extra arguments raise ``InvalidEnvironment`` saying how to write them."""
+        """Extra arguments SGLang's parser refuses raise ``InvalidEnvironment`` with argparse's reason."""
         with pytest.raises(InvalidEnvironment, match=match):
-            parse_args(tokens)
+            read_server_args(tokens, "0.5.23")
+
+
+class TestHardwareSpeaks:
+    """Tests that an override previews for ``compose`` but never hides the machine from ``run``."""
+
+    ROCM_MACHINE = staticmethod(lambda: HardwareProbe(Vendor.AMD, "gfx942", 8, True, True, None, "torch"))
+    H200_MACHINE = staticmethod(lambda: HardwareProbe(Vendor.NVIDIA, "sm90", 8, True, False, "12.8", "torch"))
+    NO_GPU = staticmethod(lambda: HardwareProbe())
+
+    @staticmethod
+    def _evidence(**kw):  # type: ignore[no-untyped-def]
+        return lambda environ: AmdEvidence(**kw)
+
+    def test_nvidia_override_on_a_rocm_torch_is_a_conflict_naming_both(self):
+        """``MLAPROP_VENDOR=nvidia MLAPROP_ARCH=sm90`` where torch reports ROCm: run refuses, naming the
+        override and ``torch.version.hip``."""
+        environ = {"MLAPROP_VENDOR": "nvidia", "MLAPROP_ARCH": "sm90"}
+        with pytest.raises(HardwareConflict, match=r"MLAPROP_VENDOR/--vendor=nvidia.*torch.version.hip=6.2"):
+            detect_environment(
+                environ,
+                self.NO_GPU,
+                hardware_speaks=True,
+                amd_probe=self._evidence(torch_hip="6.2"),
+            )
+
+    @pytest.mark.parametrize(
+        "evidence",
+        [{"kfd": True}, {"tools": ("rocminfo lists gfx942",)}, {"torch_hip": "6.3"}],
+        ids=["kfd", "rocminfo", "torch-hip"],
+    )
+    def test_every_amd_signal_conflicts_with_an_nvidia_override(self, evidence):  # type: ignore[no-untyped-def]
+        """Each AMD signal alone (``/dev/kfd``, ``rocminfo``, a HIP torch) contradicts an NVIDIA override."""
+        with pytest.raises(HardwareConflict, match="shows AMD/ROCm"):
+            detect_environment(
+                {"MLAPROP_ARCH": "sm90"},
+                self.NO_GPU,
+                hardware_speaks=True,
+                amd_probe=self._evidence(**evidence),
+            )
+
+    def test_amd_override_on_nvidia_and_arch_mismatch_are_conflicts(self):
+        """An AMD override on an NVIDIA machine, and another arch of the same vendor, are refused."""
+        quiet = self._evidence()
+        with pytest.raises(HardwareConflict, match=r"says AMD, but this machine has NVIDIA sm90"):
+            detect_environment(
+                {"MLAPROP_VENDOR": "amd", "MLAPROP_ARCH": "gfx942"},
+                self.H200_MACHINE,
+                hardware_speaks=True,
+                amd_probe=quiet,
+            )
+        with pytest.raises(HardwareConflict, match=r"names sm100, but this machine's GPU is sm90"):
+            detect_environment(
+                {"MLAPROP_ARCH": "sm100"}, self.H200_MACHINE, hardware_speaks=True, amd_probe=quiet
+            )
+
+    def test_override_that_matches_the_machine_is_fine(self):
+        """An override naming the machine's own platform passes, with the probed GPU count."""
+        env = detect_environment(
+            {"MLAPROP_VENDOR": "nvidia", "MLAPROP_ARCH": "sm90"},
+            self.H200_MACHINE,
+            hardware_speaks=True,
+            amd_probe=self._evidence(),
+        )
+        assert (env.vendor, env.arch, env.gpu_count, env.amd_evidence) == (Vendor.NVIDIA, "sm90", 8, ())
+
+    def test_preview_still_previews(self):
+        """For ``compose`` (the default) the override previews: no probe is needed, no conflict raised."""
+
+        def boom() -> HardwareProbe:
+            raise AssertionError("a preview must not need the probe")
+
+        env = detect_environment({"MLAPROP_VENDOR": "nvidia", "MLAPROP_ARCH": "sm90"}, boom)
+        assert (env.vendor, env.arch) == (Vendor.NVIDIA, "sm90")
+
+    def test_amd_evidence_without_override_keeps_the_flag_out(self):
+        """An NVIDIA probe on a machine with ``/dev/kfd`` and rocminfo: the evidence reaches compose, which
+        leaves the deterministic flag out and says why."""
+        env = detect_environment(
+            {}, self.H200_MACHINE, hardware_speaks=True, amd_probe=self._evidence(kfd=True)
+        )
+        assert env.amd_evidence == ("/dev/kfd exists",)
+        plan = compose(env)
+        assert not plan.deterministic
+        assert any("/dev/kfd" in d.reason for d in plan.decisions if d.subject == DETERMINISTIC_FLAG)
+
+    def test_probe_amd_evidence_reads_each_source(self):
+        """The probe reads torch, rocminfo, amd-smi, /dev/kfd and the HIP variables through its injectables."""
+        outputs = {"rocminfo": "  Name:                    gfx942  \n", "amd-smi": "GPU: 0\n  BDF: ..."}
+        ev = probe_amd_evidence(
+            {"HIP_VISIBLE_DEVICES": "0", "CUDA_VISIBLE_DEVICES": "0"},
+            torch_hip=lambda: "6.2",
+            run=lambda cmd: outputs.get(cmd[0]),
+            exists=lambda path: path == "/dev/kfd",
+        )
+        assert ev.signals() == (
+            "torch.version.hip=6.2",
+            "rocminfo lists gfx942",
+            "amd-smi lists a GPU",
+            "/dev/kfd exists",
+            "HIP_VISIBLE_DEVICES=0",
+        )
+        none = probe_amd_evidence({}, torch_hip=lambda: None, run=lambda cmd: None, exists=lambda p: False)
+        assert none.signals() == () and not none.hardware()
+
+    @pytest.mark.parametrize(
+        ("vendor", "arch", "environ", "expected"),
+        [
+            (None, None, {}, ("nvidia", "sm90")),
+            (None, None, {"MLAPROP_VENDOR": "amd", "MLAPROP_ARCH": "gfx942"}, (None, None)),
+            (None, None, {"MLAPROP_ARCH": "sm100"}, (None, None)),
+            ("amd", "gfx950", {}, ("amd", "gfx950")),
+        ],
+    )
+    def test_simulation_platform_honours_the_variables(self, vendor, arch, environ, expected):  # type: ignore[no-untyped-def]
+        """``run --simulate`` defaults to the H200 runner only when neither option nor variable names one."""
+        assert simulation_platform(vendor, arch, environ) == expected

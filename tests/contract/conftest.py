@@ -1,7 +1,7 @@
 """Fixtures for the contract tests: the installed SGLang, imported once per session.
 
 Without SGLang the contract tests skip, so a plain ``pytest`` on a machine without it stays green. Under
-``tox -e contract-*`` the variable ``MLAPROP_CONTRACT=1`` is set and a missing or broken SGLang is an error
+``tox -e contract`` the variable ``MLAPROP_CONTRACT=1`` is set and a missing or broken SGLang is an error
 instead: a contract run that tested nothing must not pass.
 """
 
@@ -16,7 +16,7 @@ from tests.contract.sglang_sim import SGLang, load, write_model_dir
 
 #: Set by the contract tox environments: SGLang must be importable.
 REQUIRED = os.environ.get("MLAPROP_CONTRACT", "").strip() == "1"
-#: The SGLang version the tox environment installed (``contract-0523`` -> ``0.5.23``); checked when set.
+#: The SGLang version tests/contract/run_versions.py installed for this run; checked when set.
 EXPECTED_VERSION = os.environ.get("MLAPROP_CONTRACT_SGLANG", "").strip()
 
 
@@ -36,7 +36,8 @@ def sglang(model_dir: Path) -> SGLang:
     except Exception as exc:
         pytest.fail(
             f"SGLang's argument pipeline cannot be imported: {type(exc).__name__}: {exc}. "
-            "The contract tox environments install it with tests/contract/requirements-*.txt",
+            "The contract tox environment installs its stack with tests/contract/requirements.txt and SGLang per "
+            "version with tests/contract/run_versions.py",
             pytrace=True,
         )
     if EXPECTED_VERSION and sglang.version != EXPECTED_VERSION:

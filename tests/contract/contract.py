@@ -17,7 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from mlaprop.capabilities import Capabilities, backend_runs_on
+from mlaprop.args import read_server_args
+from mlaprop.capabilities import Capabilities, backend_runs_on, capabilities_for
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
     FP4_KV_CACHE_DTYPES,
@@ -101,6 +102,22 @@ def _effective_tp(argv: tuple[str, ...]) -> int:
     return max(tp, 1)
 
 
+def _user_deterministic(request: LaunchRequest, version: str) -> bool:
+    """The user's extra arguments turn deterministic inference on as SGLang reads them (any spelling)."""
+    try:
+        return read_server_args(request.extra_args, version).deterministic
+    except ValueError:
+        return DETERMINISTIC_FLAG in request.extra_args
+
+
+def _user_kv(request: LaunchRequest, version: str) -> str:
+    """The KV-cache dtype SGLang reads: the user's extra ``--kv-cache-dtype`` (any spelling) or the request's."""
+    try:
+        return read_server_args(request.extra_args, version).kv_cache_dtype or request.kv_cache_dtype.value
+    except ValueError:
+        return request.kv_cache_dtype.value
+
+
 def _hardware(environment: Environment) -> Vendor:
     """The vendor whose kernels run: AMD whenever SGLang sees ROCm (``is_hip``)."""
     return Vendor.AMD if environment.vendor is Vendor.AMD or environment.torch_hip else Vendor.NVIDIA
@@ -111,7 +128,7 @@ def _runs(backend: str, environment: Environment) -> bool:
         member = AttentionBackend(backend)
     except ValueError:  # a backend mlaprop does not model (cutedsl_mla, flex_attention, ...)
         return True
-    return backend_runs_on(member, _hardware(environment), environment.arch)
+    return backend_runs_on(member, _hardware(environment), environment.arch, environment.sglang_version)
 
 
 def check(
@@ -157,7 +174,7 @@ def check(
                 sglang_backend=outcome.backend,
                 **common,
             )
-        if request.kv_cache_dtype in FP4_KV_CACHE_DTYPES:
+        if _user_kv(request, environment.sglang_version) in {k.value for k in FP4_KV_CACHE_DTYPES}:
             return Verdict(
                 Kind.POLICY_REFUSAL,
                 f"mlaprop does not compose FP4 KV caches; SGLang's argument pipeline resolves {outcome.backend} "
@@ -165,7 +182,20 @@ def check(
                 sglang_backend=outcome.backend,
                 **common,
             )
-        if amd_signals(environment) and DETERMINISTIC_FLAG in request.extra_args:
+        caps = capabilities_for(environment.sglang_version)
+        tokenspeed = request.attention_backend is AttentionBackend.TOKENSPEED_MLA
+        if (
+            tokenspeed
+            and caps.alias_of(AttentionBackend.TOKENSPEED_MLA) is not AttentionBackend.TOKENSPEED_MLA
+        ):
+            return Verdict(
+                Kind.POLICY_REFUSAL,
+                f"mlaprop refuses tokenspeed_mla with {request.kv_cache_dtype} KV: SGLang {caps.version} runs it as "
+                f"cutedsl_mla and silently switches the KV cache to fp8_e4m3 (resolves {outcome.backend})",
+                sglang_backend=outcome.backend,
+                **common,
+            )
+        if amd_signals(environment) and _user_deterministic(request, environment.sglang_version):
             return Verdict(
                 Kind.POLICY_REFUSAL,
                 f"mlaprop refuses the deterministic flag where an AMD signal is present; SGLang resolves "

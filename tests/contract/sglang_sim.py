@@ -12,7 +12,8 @@ real resolution, with the platform facts of an mlaprop :class:`~mlaprop.environm
 
 Stand-ins (the only things not real):
 
-- ``torchvision``: the PyPI wheel needs a CUDA torch. An import stand-in answers SGLang's module-level
+- ``torchvision``: the PyPI wheel needs a CUDA torch; ``sgl_kernel`` (CUDA kernels, imported by 0.5.8-0.5.10
+  while loading the FP8 quantization config) likewise. An import stand-in answers SGLang's module-level
   ``import torchvision...`` lines; it is installed only after transformers has cached "torchvision not
   available", so transformers never takes a torchvision code path.
 - ``transformers.AutoImageProcessor`` on transformers builds that gate it on torchvision (5.6, used by SGLang
@@ -44,6 +45,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from packaging.version import Version
 
 from mlaprop.capabilities import parse_arch
 from mlaprop.environment import Environment, Vendor
@@ -230,10 +233,16 @@ class _Stub(metaclass=_StubMeta):
 
 
 class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Stand-in modules for ``names`` (``torchvision``; ``sgl_kernel``, the CUDA kernel wheel that SGLang
+    0.5.8-0.5.10 import while loading an FP8 model's quantization config)."""
+
+    def __init__(self, names: tuple[str, ...] = ("torchvision",)) -> None:
+        self.names = names
+
     def find_spec(
         self, fullname: str, path: Any = None, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
+        if fullname.split(".")[0] in self.names:
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -270,6 +279,8 @@ def _install_stand_ins() -> None:
         if import_utils.is_torchvision_available():  # pragma: no cover - the finder is not installed yet
             raise SimulationGap("transformers reports torchvision available although it is not installed")
         sys.meta_path.insert(0, _TorchvisionStandIn())
+    if importlib.util.find_spec("sgl_kernel") is None:
+        sys.meta_path.insert(0, _TorchvisionStandIn(("sgl_kernel",)))
     import sglang  # noqa: F401  (applies SGLang's transformers patches, which may rebuild the module)
 
     transformers = importlib.import_module("transformers")
@@ -311,6 +322,10 @@ _NOT_PLATFORM = frozenset(
         "is_valid_ipv6_address",
         "is_port_available",
         "is_npu_available",
+        "is_fa3_default_architecture",  # 0.5.5-0.5.7: a property of the model's architecture (MHA models)
+        "is_host_cpu_arm64",  # 0.5.12-0.5.18: the host CPU (the CPU machine's answer, x86, is the runners')
+        "is_mnnvl_fabric_device",  # 0.5.17-0.5.18: multi-node NVLink, steers all-reduce, not attention
+        "is_record",
     }
 )
 _PROBE_NAME = re.compile(r"^(is_[a-z0-9_]+|cpu_has_[a-z0-9_]+|get_device_sm|get_device_capability)$")
@@ -344,17 +359,25 @@ class SGLang:
         self.version: str = importlib.import_module("sglang.version").__version__
         self.has_override_platform = hasattr(self.server_args.ServerArgs, "resolve_once")
         self._legacy_probes: dict[str, str] = {}
+        self._live_facts: set[str] = set()
         if self.has_override_platform:
             rc = importlib.import_module("sglang.srt.runtime_context")
             known = set(Platform(True, False, 9, 0, (12, 8), True).facts())
             live = set(getattr(rc, "_PLATFORM_PROBES", {})) | set(getattr(rc, "_PLATFORM_VALUES", {}))
+            #: the facts this version's override_platform accepts (0.5.19 has no is_mps / is_sm110)
+            self._live_facts = live
             if live - known:
                 raise SimulationGap(
                     f"SGLang {self.version}'s override_platform knows facts this simulation does not set: "
                     f"{sorted(live - known)}; add them to tests/contract/sglang_sim.py Platform.facts()"
                 )
         else:
+            with contextlib.suppress(ImportError):  # 0.5.15-0.5.19: imported lazily by the resolution
+                importlib.import_module("sglang.srt.arg_groups.overrides")
             self._legacy_probes = self._discover_legacy_probes()
+        #: 0.5.4 fills the MLA default and switches fa3 + fp8_e5m2 to triton at start-up (model_runner), not
+        #: in server_args: that step is applied after SGLang's argument pipeline (:func:`_model_runner_0_5_4`).
+        self.runtime_default = Version(self.version) < Version("0.5.5")
         self._cache: dict[tuple[Any, ...], Outcome] = {}
         self._parser: argparse.ArgumentParser | None = None
         #: hand ``prepare_server_args`` the prebuilt parser (set False to build one per call, as SGLang does)
@@ -393,8 +416,11 @@ class SGLang:
         return frozenset(self.server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES)
 
     def radix_list(self) -> frozenset[str]:
-        """``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND`` as this SGLang has it."""
-        return frozenset(self.server_args.RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND)
+        """``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND`` as this SGLang has it (0.5.4 has no such list:
+        ``_handle_deterministic_inference`` keeps the radix cache for ``fa3`` and ``triton`` literally)."""
+        return frozenset(
+            getattr(self.server_args, "RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND", ("fa3", "triton"))
+        )
 
     def rocm_fused_decode_gated_to_aiter(self) -> bool:
         """Whether ``SGLANG_ROCM_FUSED_DECODE_MLA`` takes the fused decode path only on ``aiter``.
@@ -405,10 +431,10 @@ class SGLang:
         """
         spec = importlib.util.find_spec("sglang")
         assert spec is not None and spec.submodule_search_locations
-        path = (
-            Path(next(iter(spec.submodule_search_locations)))
-            / "srt/models/deepseek_common/attention_backend_handler.py"
-        )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        path = root / "srt/models/deepseek_common/attention_backend_handler.py"
+        if not path.exists():  # up to 0.5.7 the dispatch lives in the model file
+            path = root / "srt/models/deepseek_v2.py"
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name == "_dispatch_mla_subtype":
@@ -497,7 +523,11 @@ class SGLang:
 
                     with self._parser_for_prepare():
                         args = self.server_args.prepare_server_args(full)
-                    with override_platform(**facts):
+                    # arg_groups modules of 0.5.15+ also call probes they imported by name
+                    accepted = {
+                        k: v for k, v in facts.items() if not self._live_facts or k in self._live_facts
+                    }
+                    with override_platform(**accepted), self._legacy_platform(facts):
                         args.resolve_once()
 
                     def read(name: str) -> Any:
@@ -521,19 +551,50 @@ class SGLang:
                     "tp_size",
                 )
             }
-            return Outcome(backend=read("attention_backend"), values=values)
+            backend = read("attention_backend")
+            if self.runtime_default:
+                backend = _model_runner_0_5_4(
+                    backend, read("kv_cache_dtype"), int(read("tp_size") or 1), facts
+                )
+            return Outcome(backend=backend, values=values)
 
     @contextlib.contextmanager
     def _legacy_platform(self, facts: Mapping[str, Any]) -> Iterator[None]:
-        saved = {name: getattr(self.server_args, name) for name in self._legacy_probes}
+        # 0.5.15-0.5.19 moved parts of the resolution to srt/arg_groups/*.py, which import the same probes
+        # by name: patch them there too.
+        modules = [self.server_args] + [
+            m
+            for n, m in sorted(sys.modules.items())
+            if n.startswith("sglang.srt.arg_groups.") and m is not None
+        ]
+        saved = [
+            (m, name, getattr(m, name)) for m in modules for name in self._legacy_probes if hasattr(m, name)
+        ]
         try:
-            for name, fact in self._legacy_probes.items():
-                value = False if fact == "_false" else facts[fact]
-                setattr(self.server_args, name, _constant(value))
+            for module, name, _ in saved:
+                fact = self._legacy_probes[name]
+                setattr(module, name, _constant(False if fact == "_false" else facts[fact]))
             yield
         finally:
-            for name, original in saved.items():
-                setattr(self.server_args, name, original)
+            for module, name, original in saved:
+                setattr(module, name, original)
+
+
+def _model_runner_0_5_4(backend: str | None, kv: str, tp: int, facts: Mapping[str, Any]) -> str | None:
+    """SGLang 0.5.4's ``ModelRunner.model_specific_adjustment`` for an MLA model with 16 KV heads
+    (``srt/model_executor/model_runner.py``): the default backend, then fa3 + fp8_e5m2 -> triton."""
+    if backend is None:
+        if facts["is_hopper_with_cuda_12_3"]:
+            backend = "fa3"
+        elif facts["is_sm100"]:
+            backend = "flashinfer"
+        elif facts["is_hip"]:
+            backend = "aiter" if 16 // max(tp, 1) in (16, 128) else "triton"
+        else:
+            backend = "triton"
+    if backend == "fa3" and kv == "fp8_e5m2":
+        backend = "triton"
+    return backend
 
 
 def _constant(value: Any) -> Any:

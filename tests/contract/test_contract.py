@@ -9,6 +9,7 @@ reproduce (so a fixed rule is noticed and its entry deleted), and nothing outsid
 from __future__ import annotations
 
 import itertools
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -131,11 +132,23 @@ def sweep_requests() -> Iterator[LaunchRequest]:
         yield LaunchRequest(deterministic=det, extra_args=fragment)
 
 
+#: Every Nth sweep case (``tests/contract/run_versions.py`` sets it off the anchor versions 0.5.11 and 0.5.23);
+#: the sample is stratified: case (i, j) of environment i and request j is kept when (i + j) % N == 0, so every
+#: environment and every request is still checked.
+SAMPLE = max(1, int(os.environ.get("MLAPROP_CONTRACT_SAMPLE", "1") or 1))
+
+
 @pytest.fixture(scope="module")
 def sweep(sglang: SGLang) -> list[Verdict]:
-    """Every sweep environment x every sweep request, checked against SGLang (each distinct argv and
-    platform resolved once)."""
-    return [check(sglang, e, r) for e in sweep_environments() for r in sweep_requests()]
+    """Every sweep environment x every sweep request (or the stratified :data:`SAMPLE`), checked against
+    SGLang (each distinct argv and platform resolved once)."""
+    requests = list(sweep_requests())
+    return [
+        check(sglang, e, r)
+        for i, e in enumerate(sweep_environments())
+        for j, r in enumerate(requests)
+        if (i + j) % SAMPLE == 0
+    ]
 
 
 class TestSweep:
@@ -146,7 +159,10 @@ class TestSweep:
         backend, and every refusal is one SGLang shares (or mlaprop's AMD policy)."""
         unexplained = [v for v in sweep if not v.ok and known(v) is None]
         kinds = Counter(v.kind for v in sweep)
-        assert kinds[Kind.PLAN_AGREES] > 1000 and kinds[Kind.REFUSAL_CONFIRMED] > 1000, kinds
+        assert kinds[Kind.PLAN_AGREES] > 1000 // SAMPLE and kinds[Kind.REFUSAL_CONFIRMED] > 1000 // SAMPLE, (
+            kinds
+        )
+        print(f"SGLang {sweep[0].environment.sglang_version}: {len(sweep)} sweep cases {dict(kinds)}")
         assert not unexplained, f"{len(unexplained)} unexplained disagreements, first ones:\n" + "\n".join(
             str(v) for v in unexplained[:15]
         )
@@ -165,10 +181,16 @@ class TestSweep:
         policy = [v for v in sweep if v.kind is Kind.POLICY_REFUSAL]
         assert policy, "the sweep forces the deterministic flag on AMD: expected policy refusals"
         amd = [v for v in policy if DETERMINISTIC_FLAG in v.request.extra_args]
-        assert amd and {v.sglang_backend for v in amd} == {"triton"}
+        allowed = {
+            b.value for b in capabilities_for(policy[0].environment.sglang_version).deterministic_backends
+        }
+        assert amd and {v.sglang_backend for v in amd} <= allowed
         rest = [v for v in policy if v not in amd]
         assert all(
-            v.request.kv_cache_dtype in FP4_KV_CACHE_DTYPES or v.detail.startswith("tp ") for v in rest
+            v.request.kv_cache_dtype in FP4_KV_CACHE_DTYPES
+            or v.detail.startswith("tp ")
+            or v.detail.startswith("mlaprop refuses tokenspeed_mla")
+            for v in rest
         )
 
 
@@ -259,6 +281,8 @@ def test_named_platform_resolves_as_predicted(
     assert verdict.kind is Kind.PLAN_AGREES, str(verdict)
     assert (DETERMINISTIC_FLAG in verdict.argv) is flag
     assert _last(verdict.argv, "--attention-backend") == backend_flag
+    if name.startswith("RTX 5090") and not capabilities_for(sglang.version).deterministic_deepseek_triton:
+        resolved = "flashinfer"  # 0.5.4: the deterministic fallback on SM120 is flashinfer for every model
     assert verdict.predicted == verdict.sglang_backend == resolved
 
 
@@ -268,11 +292,15 @@ def test_b200_upstream_test(sglang: SGLang) -> None:
     DeepSeek, so mlaprop sets --attention-backend triton there, and SGLang's own pipeline agrees."""
     verdict = check(sglang, B200, UPSTREAM)
     assert verdict.kind is Kind.PLAN_AGREES, str(verdict)
-    assert verdict.sglang_backend == "triton"
+    v = Version(sglang.version)
+    v054 = v < Version(
+        "0.5.5"
+    )  # deterministic fallback flashinfer for every model, radix cache just disabled
+    assert verdict.sglang_backend == ("flashinfer" if v054 else "triton")
     explicit = "--attention-backend" in verdict.argv
-    assert explicit is (Version(sglang.version) < Version("0.5.12")), verdict.argv
+    assert explicit is (Version("0.5.5") <= v < Version("0.5.12")), verdict.argv
     bare = sglang.resolve(naive_argv(UPSTREAM), platform_for(on_version(B200, sglang.version)))
-    if Version(sglang.version) < Version("0.5.12"):
+    if Version("0.5.5") <= v < Version("0.5.12"):
         assert not bare.ok and bare.error is not None and "flashinfer" in bare.error
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from mlaprop.args import SWITCHES, VALUE_OPTIONS, parse_args
+from mlaprop.args import option_table, read_server_args
 from mlaprop.capabilities import KNOWN_VERSIONS, backend_runs_on, capabilities_for, is_blackwell, is_sm100
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
@@ -33,10 +34,16 @@ from tests import strategies as S
 
 
 def _compose_or_refuse(env: Environment, req: LaunchRequest):  # type: ignore[no-untyped-def]
+    """The plan, or reject the example (``assume``) when compose refuses it; each outcome is an ``event`` so
+    Hypothesis' statistics (``--hypothesis-show-statistics``) show the share of examples actually checked."""
     try:
-        return compose(env, req)
-    except UnsupportedCombination:
-        return None
+        plan = compose(env, req)
+    except UnsupportedCombination as exc:
+        event("refused: " + re.sub(r"\b(sm|gfx)?[0-9][0-9a-z.]*", "N", str(exc).split(":")[0])[:48])
+        assume(False)
+        raise AssertionError("unreachable") from exc
+    event("plan checked")
+    return plan
 
 
 class TestDeterministicFlag:
@@ -55,10 +62,9 @@ class TestDeterministicFlag:
         if not amd_signals(env):
             env = replace(env, ci=CIMarkers(None, "1"))
         plan = _compose_or_refuse(env, req)
-        if plan is not None:
-            assert DETERMINISTIC_FLAG not in plan.argv
-            assert plan.deterministic is False
-            assert "SGLANG_ENABLE_DETERMINISTIC_INFERENCE" not in plan.env
+        assert DETERMINISTIC_FLAG not in plan.argv
+        assert plan.deterministic is False
+        assert "SGLANG_ENABLE_DETERMINISTIC_INFERENCE" not in plan.env
 
     @given(env=S.environments(Vendor.AMD), version=S.versions)
     def test_flag_is_dropped_on_amd_with_a_reason_for_every_version(self, env, version):
@@ -116,16 +122,18 @@ class TestArgv:
         """Every option appears at most once; every value-taking option is followed by a value; every
         switch stands alone."""
         plan = _compose_or_refuse(env, req)
-        if plan is None:
-            return
-        options = parse_args(plan.argv)
+        options = read_server_args(plan.argv, plan.sglang_version).options
         names = [o.name for o in options]
         assert len(names) == len(set(names)), plan.argv
+        # each option written in full, once: the plan's tokens are exactly its options' tokens
+        assert tuple(t for o in options for t in o.tokens()) == plan.argv
+        table = option_table(plan.sglang_version)
         for o in options:
-            if o.name in VALUE_OPTIONS:
+            spec = table.by_string[o.name]
+            if spec.switch:
+                assert o.values == (), o
+            else:
                 assert o.value not in (None, ""), o
-            if o.name in SWITCHES:
-                assert o.value is None, o
 
     @given(
         env=S.nvidia_without_amd_signal(),
@@ -139,8 +147,6 @@ class TestArgv:
             attention_backend=AttentionBackend(first), extra_args=("--attention-backend", user)
         )
         plan = _compose_or_refuse(env, req)
-        if plan is None:  # e.g. fa3 forced off Hopper
-            return
         assert plan.argv.count("--attention-backend") == 1
         assert plan.option("--attention-backend") == user
 
@@ -149,9 +155,7 @@ class TestArgv:
         """Every extra option the user gave ends up in the plan with the user's last value (except the
         deterministic flag, which follows the AMD rule)."""
         plan = _compose_or_refuse(env, req)
-        if plan is None:
-            return
-        last = {o.name: o.value for o in parse_args(req.extra_args)}
+        last = {o.name: o.value for o in read_server_args(req.extra_args, env.sglang_version).options}
         for name, value in last.items():
             if name == DETERMINISTIC_FLAG:
                 continue
@@ -193,10 +197,8 @@ class TestDecisions:
         """Each option in argv and each environment variable has an ADDED decision; the deterministic flag,
         when wanted and absent, has a DROPPED one; every decision has a reason and an upstream source."""
         plan = _compose_or_refuse(env, req)
-        if plan is None:
-            return
         added = {d.subject for d in plan.decisions if d.action is Action.ADDED}
-        for o in parse_args(plan.argv):
+        for o in read_server_args(plan.argv, plan.sglang_version).options:
             assert o.name in added, (o.name, plan.decisions)
         for var in plan.env:
             assert var in added
@@ -215,13 +217,11 @@ class TestPrediction:
         """The predicted backend is in the version's deterministic allow-list whenever the flag is present,
         and always has kernels for the GPU (no plan the server would reject or could not run)."""
         plan = _compose_or_refuse(env, req)
-        if plan is None:
-            return
         caps = capabilities_for(env.sglang_version)
         if plan.deterministic:
             assert plan.attention_backend in caps.deterministic_backends
         hw = Vendor.AMD if (env.vendor is Vendor.AMD or env.torch_hip) else Vendor.NVIDIA
-        assert backend_runs_on(plan.attention_backend, hw, env.arch)
+        assert backend_runs_on(plan.attention_backend, hw, env.arch, plan.sglang_version)
 
 
 class TestNoGpu:
@@ -249,12 +249,10 @@ class TestHostileInputs:
     @given(value=st.text(min_size=1, max_size=12))
     def test_unknown_backend_or_dtype_lists_valid_values(self, value):
         """An unknown attention backend or KV dtype raises ``InvalidEnvironment`` listing valid values."""
-        if value.strip().lower() in {b.value for b in AttentionBackend}:
-            return
+        assume(value.strip().lower() not in {b.value for b in AttentionBackend})
         with pytest.raises(InvalidEnvironment, match=r"expected one of .*triton"):
             LaunchRequest(attention_backend=value)  # type: ignore[arg-type]
-        if value.strip().lower() in {d.value for d in KVCacheDtype}:
-            return
+        assume(value.strip().lower() not in {d.value for d in KVCacheDtype})
         with pytest.raises(InvalidEnvironment, match=r"expected one of .*fp8_e5m2"):
             LaunchRequest(kv_cache_dtype=value)  # type: ignore[arg-type]
 
@@ -271,10 +269,13 @@ class TestHostileInputs:
         try:
             plan = compose(Environment(vendor=vendor, arch=arch))
         except InvalidEnvironment as exc:
+            event("invalid architecture")
             assert "sm90" in str(exc) or "gfx942" in str(exc) or "MLAPROP_ARCH" in str(exc)
             return
         except UnsupportedCombination:
+            event("refused")
             return
+        event("plan")
         assert plan.option("--kv-cache-dtype") == "fp8_e5m2"
 
     @given(tokens=st.lists(st.text(max_size=10), max_size=5))
@@ -284,16 +285,14 @@ class TestHostileInputs:
         try:
             plan = compose(Environment(), LaunchRequest(extra_args=tuple(tokens)))
         except ValueError as exc:
+            event("refused")
             assert str(exc)
             return
-        for tok in tokens:
-            if tok.startswith("--") and "=" not in tok:
-                assert plan.has_flag(tok.split("=")[0]) or tok in (
-                    "--attention-backend",
-                    "--kv-cache-dtype",
-                    "--tp-size",
-                    DETERMINISTIC_FLAG,
-                )
+        event("plan")
+        folded = ("--attention-backend", "--kv-cache-dtype", "--tp-size", DETERMINISTIC_FLAG)
+        for o in read_server_args(tokens, plan.sglang_version).options:
+            if o.name not in folded:
+                assert plan.has_flag(o.name), (o, plan.argv)
 
 
 # The exhaustive sweep of the finite part: vendor x arch x CI marker x backend x KV dtype x tp x version.
@@ -331,7 +330,21 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
     allowed_kv = caps.kv_allowed_with(backend)
     guarded = (
         (backend is AttentionBackend.TRTLLM_MLA and not is_blackwell(env.arch, env.cuda_version))
-        or (backend is AttentionBackend.CUTEDSL_MLA and not is_sm100(env.arch, env.cuda_version))
+        or (backend is AttentionBackend.FA4 and caps.fa4_prefill_only)
+        or (
+            backend is AttentionBackend.TRTLLM_MLA
+            and caps.trtllm_mla_sm100_only
+            and not is_sm100(env.arch, env.cuda_version)
+        )
+        or (
+            caps.alias_of(backend) is AttentionBackend.CUTEDSL_MLA
+            and not is_sm100(env.arch, env.cuda_version)
+        )
+        or (
+            backend is AttentionBackend.TOKENSPEED_MLA
+            and caps.alias_of(backend) is backend
+            and not is_blackwell(env.arch, env.cuda_version)
+        )
         or (
             backend is AttentionBackend.FA4
             and deterministic
@@ -341,9 +354,14 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
     return (
         guarded
         or backend not in caps.attention_backends
-        or not backend_runs_on(runs, hw, env.arch)
+        or not backend_runs_on(runs, hw, env.arch, caps.version)
         or (deterministic and backend not in caps.deterministic_backends)
-        or (deterministic and req.deepseek_family and backend not in caps.radix_backends)
+        or (
+            deterministic
+            and req.deepseek_family
+            and caps.deepseek_needs_radix_backend
+            and backend not in caps.radix_backends
+        )
         or (allowed_kv is not None and kv not in allowed_kv)
     )
 
@@ -377,9 +395,9 @@ def sweep() -> tuple[int, int, int]:
                 continue
             plans += 1
             assert (DETERMINISTIC_FLAG in plan.argv) is (not amd), (env, req)
-            names = [o.name for o in parse_args(plan.argv)]
+            names = [o.name for o in read_server_args(plan.argv, plan.sglang_version).options]
             assert len(names) == len(set(names))
-            assert backend_runs_on(plan.attention_backend, hw, arch)
+            assert backend_runs_on(plan.attention_backend, hw, arch, version)
             if plan.deterministic:
                 assert plan.attention_backend in caps.deterministic_backends
     return points, plans, refusals
@@ -398,3 +416,61 @@ def test_exhaustive_sweep_holds_every_invariant():
     assert plans >= len(SWEEP_PLATFORMS) * len(SWEEP_MARKERS) * len(KNOWN_VERSIONS) * len(
         S.UNIVERSAL_KV
     ) * len(SWEEP_TP)
+
+
+#: Options that steer what compose decides, drawn more often next to the whole table.
+_STEERING = (
+    "--enable-deterministic-inference",
+    "--rl-on-policy-target",
+    "--attention-backend",
+    "--kv-cache-dtype",
+    "--tp-size",
+    "--disable-custom-all-reduce",
+)
+
+
+class TestSGLangSpellings:
+    """Properties over extra arguments drawn from each version's real option table (prefixes, ``=`` forms,
+    aliases, repeats)."""
+
+    @settings(deadline=None)  # argparse over ~500 options: slow on a loaded 2-core machine, not a target
+    @given(data=st.data(), version=S.versions, env=S.environments(Vendor.AMD))
+    def test_no_spelling_brings_deterministic_inference_to_amd(self, data, version, env):
+        """On AMD, whatever SGLang spelling of whatever options the user adds, compose refuses or returns a
+        plan SGLang reads with deterministic inference off."""
+        env = replace(env, sglang_version=version, gpu_count=8)
+        names = data.draw(st.sampled_from([_STEERING, None]), label="pool")
+        extra = data.draw(S.sglang_argv(version, names), label="extra")
+        try:
+            plan = compose(env, LaunchRequest(extra_args=extra))
+        except (UnsupportedCombination, InvalidEnvironment) as exc:
+            amd_rule = "AMD/ROCm" in str(exc)
+            event(f"refused: {type(exc).__name__}{' (AMD deterministic rule)' if amd_rule else ''}")
+            return
+        event("plan checked")
+        assert not plan.deterministic and not plan.server_args.deterministic, (extra, plan.argv)
+
+    @settings(deadline=None)
+    @given(data=st.data(), version=S.versions, env=S.nvidia_without_amd_signal())
+    def test_plan_reading_matches_the_users_reading(self, data, version, env):
+        """On NVIDIA the plan, read as SGLang reads it, keeps the user's last value of every option it does not
+        fold, and its backend/KV/tp are the ones compose decided (each written once, in full)."""
+        env = replace(env, sglang_version=version, gpu_count=8)
+        extra = data.draw(
+            S.sglang_argv(version, (*_STEERING, "--mem-fraction-static", "--log-level")), label="extra"
+        )
+        try:
+            plan = compose(env, LaunchRequest(extra_args=extra))
+        except (UnsupportedCombination, InvalidEnvironment):
+            event("refused")
+            assume(False)
+            return
+        event("plan checked")
+        user, read = read_server_args(extra, version), plan.server_args
+        assert read.deterministic is plan.deterministic
+        assert read.kv_cache_dtype == (user.kv_cache_dtype or "fp8_e5m2")
+        for o in user.options:
+            if o.name not in ("--attention-backend", "--kv-cache-dtype", "--tp-size", DETERMINISTIC_FLAG):
+                got = read.get(o.name)
+                assert got is not None and got.values == o.values, (o, plan.argv)
+        assert all(not o.abbreviated for o in read.options), plan.argv
