@@ -90,15 +90,29 @@ class PlatformOptions:
 
 
 def environment_for(
-    platform: PlatformOptions, environ: Mapping[str, str] | None, *, tp: int = 1
+    platform: PlatformOptions,
+    environ: Mapping[str, str] | None,
+    *,
+    tp: int = 1,
+    hardware_speaks: bool = False,
 ) -> Environment:
     """The :class:`Environment` a command works on: detected, with ``platform``'s overrides applied.
 
+    ``hardware_speaks`` (``run`` on a real server, ``preflight``): every AMD signal of this machine is probed
+    whatever the overrides say, and an override the machine contradicts is an error
+    (:func:`mlaprop.detect.detect_environment`); otherwise (``compose``, ``env``, ``run --simulate``) an
+    override previews another machine.
+
     Raises:
         InvalidEnvironment: an override or ``MLAPROP_*`` variable holds an unknown value.
+        mlaprop.detect.HardwareConflict: with ``hardware_speaks``, the override and the machine disagree.
     """
     env = detect_environment(
-        environ, vendor=platform.vendor, arch=platform.arch, sglang_version=platform.sglang_version
+        environ,
+        vendor=platform.vendor,
+        arch=platform.arch,
+        sglang_version=platform.sglang_version,
+        hardware_speaks=hardware_speaks,
     )
     if platform.ci_amd is not None:
         env = replace(env, ci=replace(env.ci, sglang_is_in_ci_amd=platform.ci_amd))

@@ -67,7 +67,7 @@ def _cmd_compose(args: argparse.Namespace, environ: Mapping[str, str] | None) ->
 
 
 def _cmd_preflight(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
-    env = environment_for(platform_from_args(args), environ)
+    env = environment_for(platform_from_args(args), environ, hardware_speaks=True)
     result = preflight(
         env,
         expect=Vendor(args.expect_vendor) if args.expect_vendor else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from mlaprop import options as o
+from mlaprop.detect import simulation_platform
 from mlaprop.determinism import DEFAULT_BATCH_SIZES, DEFAULT_PREFIX_LENGTHS
 from mlaprop.environment import Vendor
 from mlaprop.exitcodes import ExitCode
@@ -212,12 +213,15 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     env_vars = os.environ if environ is None else environ
     request = request_from_args(args)
     platform = platform_from_args(args)
-    if args.simulate and not platform.is_preview:
-        platform = replace(platform, vendor=Vendor.NVIDIA, arch="sm90")  # the H200 CI runner
+    if args.simulate:  # the options, else MLAPROP_VENDOR / MLAPROP_ARCH, else the H200 CI runner
+        vendor, arch = simulation_platform(
+            platform.vendor.value if platform.vendor else None, platform.arch, env_vars
+        )
+        platform = replace(platform, vendor=Vendor(vendor) if vendor else None, arch=arch)
     smoke_model = smoke_model_choice(args.smoke_model, env_vars)
     run_opts = RunOptions(
         request=request,
-        environment=environment_for(platform, environ, tp=request.tp_size),
+        environment=environment_for(platform, environ, tp=request.tp_size, hardware_speaks=not args.simulate),
         env_vars=environ,
         simulate=args.simulate,
         sim_accuracy=_sim_accuracy(args, smoke_model),

@@ -134,7 +134,7 @@ def gpu_config(request: pytest.FixtureRequest, tmp_path: Path) -> GpuConfig:
     if smoke:
         model = str(smoke_model_folder(choice, simulate, env.get("MLAPROP_DATASET") or None, tmp_path))
     try:
-        environment = detect_environment()
+        environment = detect_environment(hardware_speaks=not simulate)  # an override never hides ROCm
         if simulate and tp > environment.gpu_count:
             # the simulated platform has as many GPUs as the plan asks for (as `mlaprop compose --tp N`
             # previews); real runs keep the detected count, so compose refuses a tp above it
