@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args.server_argv = server_argv
     try:
         code = int(args.func(args, environ))
+        sys.stdout.flush()  # a reader gone away (`| head -1`) shows here, not as exit 120 at shutdown
         if argv is None and threading.current_thread() is threading.main_thread():
             # The console command is done and its report final: a late Ctrl-C must not turn the recorded
             # exit code into a death by signal while the interpreter exits.
