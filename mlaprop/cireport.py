@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlaprop.compare import determinism_status, gating_parser, platform_label, run_facts
+from mlaprop.compare import determinism_status, gating_parser, lookup, platform_label, run_facts
 from mlaprop.redact import redact
 from mlaprop.stats import DEFAULT_ALPHA, DEFAULT_POWER, minimum_detectable_drop
 
@@ -24,16 +24,8 @@ __all__ = ["STEP_SUMMARY_VAR", "append_step_summary", "junit_properties", "step_
 STEP_SUMMARY_VAR = "GITHUB_STEP_SUMMARY"
 
 
-def _get(data: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(key)
-    return data
-
-
 def _gating_score(summary: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    scored = _get(summary, "mgsm", "scores", gating_parser(summary))
+    scored = lookup(summary, "mgsm", "scores", gating_parser(summary))
     return scored if isinstance(scored, Mapping) and scored.get("n") else None
 
 
@@ -75,7 +67,7 @@ def junit_properties(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("n", str(scored.get("n"))),
             ("minimum_detectable_drop", None if mdd is None else f"{mdd:.3f}"),
         ]
-    deterministic = _get(summary, "plan", "deterministic")
+    deterministic = lookup(summary, "plan", "deterministic")
     props += [
         ("gate", facts["gate"]),
         ("parser", gating_parser(summary)),
@@ -108,7 +100,7 @@ def step_summary_markdown(summary: Mapping[str, Any], title: str = "mlaprop") ->
     scored = _gating_score(summary)
     mgsm = summary.get("mgsm") if isinstance(summary.get("mgsm"), Mapping) else {}
     assert isinstance(mgsm, Mapping)
-    lang = _get(summary, "dataset", "lang") or "en"
+    lang = lookup(summary, "dataset", "lang") or "en"
     where = platform_label(summary) if summary.get("environment") else "platform not detected"
     version = facts["SGLang installed"] or facts["SGLang rules"] or "?"
     head_score = f"MGSM-{lang} {float(scored['score']):.3f}" if scored else "no MGSM score"
@@ -125,7 +117,7 @@ def step_summary_markdown(summary: Mapping[str, Any], title: str = "mlaprop") ->
         lines.append(
             f"| MGSM-{_cell(lang)} ({_cell(gating_parser(summary))} parser) | {float(scored['score']):.3f} "
             f"({scored.get('correct')}/{scored.get('n')}), 95% CI {float(ci[0]):.3f}-{float(ci[1]):.3f}, "
-            f"gate {_cell(_get(summary, 'mgsm', 'gate') or summary.get('gate'))}"
+            f"gate {_cell(lookup(summary, 'mgsm', 'gate') or summary.get('gate'))}"
             f"{'' if mgsm.get('verdict') is None else ', ' + _cell(mgsm.get('verdict'))} |"
         )
         lines.append(
@@ -133,7 +125,7 @@ def step_summary_markdown(summary: Mapping[str, Any], title: str = "mlaprop") ->
             + ("none detectable at this n" if mdd is None else f"{mdd:.3f}")
             + f" (a second run of the same n, two-sided alpha {DEFAULT_ALPHA:g}, power {DEFAULT_POWER:g}) |"
         )
-    for name, other in (_get(mgsm, "scores") or {}).items():
+    for name, other in (lookup(mgsm, "scores") or {}).items():
         if name != gating_parser(summary) and isinstance(other, Mapping) and other.get("n"):
             lines.append(
                 f"| {_cell(name)} parser | {float(other['score']):.3f} ({other.get('correct')}/{other.get('n')}) |"
@@ -184,7 +176,7 @@ def step_summary_markdown(summary: Mapping[str, Any], title: str = "mlaprop") ->
             )
             + " |"
         )
-    report = _get(summary, "report", "summary")
+    report = lookup(summary, "report", "summary")
     if report:
         lines.append(f"| report | `{_cell(report)}` |")
     error = summary.get("error")

@@ -40,6 +40,7 @@ __all__ = [
     "determinism_status",
     "format_comparison",
     "gating_parser",
+    "lookup",
     "parse_items",
     "platform_label",
     "run_facts",
@@ -93,7 +94,8 @@ class RunRecord:
     items: tuple[RunItem, ...]
 
 
-def _get(data: Any, *path: str) -> Any:
+def lookup(data: Any, *path: str) -> Any:
+    """``data[path[0]][path[1]]...`` through nested mappings; ``None`` where a step is missing or not a mapping."""
     for key in path:
         if not isinstance(data, Mapping):
             return None
@@ -103,7 +105,7 @@ def _get(data: Any, *path: str) -> Any:
 
 def gating_parser(summary: Mapping[str, Any]) -> str:
     """The parser whose score gates the run (``simple-evals`` when the report does not say)."""
-    return str(_get(summary, "mgsm", "gating_parser") or summary.get("gating_parser") or "simple-evals")
+    return str(lookup(summary, "mgsm", "gating_parser") or summary.get("gating_parser") or "simple-evals")
 
 
 def parse_items(lines: Iterable[str], parser: str, source: str = "items.jsonl") -> tuple[RunItem, ...]:
@@ -132,10 +134,10 @@ def parse_items(lines: Iterable[str], parser: str, source: str = "items.jsonl") 
         if not isinstance(row, dict) or not isinstance(row.get("qid"), str):
             raise InvalidRun(f"{source}:{number}: not an item (a JSON object with a qid)")
         error = row.get("error")
-        mark = _get(row, "correct_by", parser)
+        mark = lookup(row, "correct_by", parser)
         if mark is None and not isinstance(row.get("correct_by"), Mapping):
             mark = row.get("correct")
-        extracted = _get(row, "extracted_by", parser)
+        extracted = lookup(row, "extracted_by", parser)
         if extracted is None:
             extracted = row.get("extracted")
         index = row.get("index")
@@ -238,7 +240,7 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
     gpu = _find(prov, "gpu", "name") or _find(prov, "gpu", "model") or _find(prov, "gpu")
     if isinstance(gpu, Mapping):
         gpu = None
-    sha = _get(summary, "dataset", "sha256")
+    sha = lookup(summary, "dataset", "sha256")
     return {
         "GPU": _text(gpu),
         "vendor": _text(env.get("vendor")),
@@ -257,12 +259,12 @@ def run_facts(summary: Mapping[str, Any]) -> dict[str, str | None]:
         "deterministic": _text(plan.get("deterministic")),
         "KV cache": _text(kv),
         "tp": _text(tp),
-        "model": _text(plan.get("model") or _get(summary, "mgsm", "model")),
+        "model": _text(plan.get("model") or lookup(summary, "mgsm", "model")),
         "dataset": None
         if sha is None
-        else f"{_get(summary, 'dataset', 'lang') or '?'} sha256:{str(sha)[:12]}",
+        else f"{lookup(summary, 'dataset', 'lang') or '?'} sha256:{str(sha)[:12]}",
         "parser": gating_parser(summary),
-        "gate": _text(_get(summary, "mgsm", "gate") or summary.get("gate")),
+        "gate": _text(lookup(summary, "mgsm", "gate") or summary.get("gate")),
         "determinism check": determinism_status(summary),
         "mlaprop": _text(summary.get("mlaprop_version")),
         "host": _text(_find(prov, "host")),
@@ -312,7 +314,7 @@ def run_score(run: RunRecord, alpha: float = DEFAULT_ALPHA, power: float = DEFAU
     if marks:
         correct, n = sum(marks), len(marks)
     else:
-        scored = _get(run.summary, "mgsm", "scores", gating_parser(run.summary))
+        scored = lookup(run.summary, "mgsm", "scores", gating_parser(run.summary))
         if not isinstance(scored, Mapping) or not scored.get("n"):
             return None
         correct, n = int(scored["correct"]), int(scored["n"])
@@ -489,7 +491,7 @@ def compare_runs(
     n = counts.n
     facts_a, facts_b = run_facts(a.summary), run_facts(b.summary)
     differences = [Difference(k, facts_a[k], facts_b[k]) for k in facts_a if facts_a[k] != facts_b[k]]
-    argv_a, argv_b = _get(a.summary, "plan", "argv"), _get(b.summary, "plan", "argv")
+    argv_a, argv_b = lookup(a.summary, "plan", "argv"), lookup(b.summary, "plan", "argv")
     if isinstance(argv_a, list) and isinstance(argv_b, list) and argv_a != argv_b:
         differences.append(
             Difference("server arguments", " ".join(map(str, argv_a)), " ".join(map(str, argv_b)))
@@ -504,13 +506,13 @@ def compare_runs(
                 + (": still running, or its process was killed" if status == "running" else "")
                 + "): only the questions it answered are paired"
             )
-    same = [(_get(r.summary, "report", "summary"), r.summary.get("started_at")) for r in (a, b)]
+    same = [(lookup(r.summary, "report", "summary"), r.summary.get("started_at")) for r in (a, b)]
     if None not in same[0] and same[0] == same[1]:
         warnings.append(
             f"A and B are the same run (report {same[0][0]}, started {same[0][1]}), or copies of it: "
             "nothing was compared with another run"
         )
-    sha_a, sha_b = _get(a.summary, "dataset", "sha256"), _get(b.summary, "dataset", "sha256")
+    sha_a, sha_b = lookup(a.summary, "dataset", "sha256"), lookup(b.summary, "dataset", "sha256")
     if sha_a and sha_b and sha_a != sha_b:
         warnings.append(
             "the runs used different dataset files: questions are paired by id, which may not be the same "
