@@ -31,11 +31,13 @@ from pathlib import Path
 
 from mlaprop import __version__
 from mlaprop import server as srv
+from mlaprop.args import read_server_args
 from mlaprop.canary import CanaryError, compare_with_reference, ensure_canary, reference_answers
+from mlaprop.capabilities import KNOWN_VERSIONS
 from mlaprop.compose import UnsupportedCombination, compose
 from mlaprop.detect import detect_environment
 from mlaprop.determinism import DeterminismResult, check_determinism
-from mlaprop.environment import Environment, InvalidEnvironment, LaunchPlan, LaunchRequest, option_value
+from mlaprop.environment import Environment, InvalidEnvironment, LaunchPlan, LaunchRequest
 from mlaprop.evalclient import (
     ClientConfig,
     EvalAborted,
@@ -105,15 +107,16 @@ class ServerOptions:
 
 
 def server_options(argv: Sequence[str], sglang_version: str) -> ServerOptions:
-    """The one place the job reads server options out of an argv (the plan's, or the user's extra args).
+    """The one place the job reads server options out of an argv that has no plan yet (the user's extra
+    args in smoke mode): read as SGLang ``sglang_version``'s parser reads it
+    (:func:`mlaprop.args.read_server_args`: prefixes, ``=`` forms, last repeat wins). Code holding a plan reads
+    ``plan.server_args``.
 
-    When ``mlaprop.args.read_server_args`` lands this becomes ``return read_server_args(argv, version)``
-    (and callers holding a plan read ``plan.server_args``).
+    Raises:
+        InvalidEnvironment: SGLang's parser would refuse ``argv``.
     """
-    del sglang_version  # read_server_args reads argv as that version's argparse does
-    return ServerOptions(
-        api_key=option_value(argv, "--api-key"), load_format=option_value(argv, "--load-format")
-    )
+    read = read_server_args(argv, sglang_version or KNOWN_VERSIONS[-1])
+    return ServerOptions(api_key=read.api_key, load_format=read.load_format)
 
 
 def smoke_request(
@@ -737,7 +740,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         SIMSERVER_COMMAND if run_opts.simulate else srv.DEFAULT_COMMAND_PREFIX
     )
     extra = _sim_args(env, dataset, run_opts) if run_opts.simulate else []
-    api_key = server_options(plan.argv, plan.sglang_version).api_key
+    api_key = plan.server_args.api_key
     job.add_secrets([api_key, opts.api_key, *_secret_values(run_opts.env_vars)])
     config = opts.client_config(api_key)
     log_path = opts.report_dir / "server.log"
