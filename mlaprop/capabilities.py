@@ -135,7 +135,11 @@ class Capabilities:
             bf16, auto; ``cutedsl_mla``: fp8_e4m3, bf16, bfloat16, auto; ``tokenspeed_mla``: fp8_e4m3); SGLang
             raises for others.
         deepseek_needs_radix_backend: deterministic inference on a DeepSeek-family model raises unless the
-            backend is in the radix list (0.5.5+); 0.5.4 only disables the radix cache.
+            backend is in :attr:`deepseek_backends` (0.5.5+); 0.5.4 only disables the radix cache.
+        deepseek_backends: the backends that check accepts. ``server_args.py`` tests the literal
+            ``["fa3", "triton"]`` up to 0.5.16 (0.5.16 even though its radix list has ``fa4``; up to 0.5.15 the
+            message prints the radix list instead), and ``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND``
+            from 0.5.17. Empty means the radix list.
         deterministic_deepseek_triton: the deterministic fallback on SM100/SM120 picks ``triton`` for
             DeepSeek-family models (0.5.5+); 0.5.4 picks ``flashinfer`` for every model.
         backend_aliases: backends SGLang renames before resolving (0.5.23: ``tokenspeed_mla`` ->
@@ -158,6 +162,7 @@ class Capabilities:
     kv_restrictions: tuple[tuple[AttentionBackend, frozenset[KVCacheDtype]], ...] = ()
     deepseek_needs_radix_backend: bool = True
     deterministic_deepseek_triton: bool = True
+    deepseek_backends: frozenset[AttentionBackend] = frozenset()
     backend_aliases: tuple[tuple[AttentionBackend, AttentionBackend], ...] = ()
     rocm_rccl_check: bool = False
     fa4_prefill_only: bool = False
@@ -169,6 +174,19 @@ class Capabilities:
             if old is backend:
                 return new
         return backend
+
+    def deepseek_allowed(self) -> frozenset[AttentionBackend]:
+        """The backends deterministic inference on a DeepSeek-family model accepts (see ``deepseek_backends``)."""
+        return self.deepseek_backends or self.radix_backends
+
+    def deepseek_refusal(self, backend: str) -> str:
+        """SGLang's ``ValueError`` text when ``backend`` fails the DeepSeek check: it prints the radix list
+        except in 0.5.16, whose ``deepseek_deterministic_attention_backends`` it prints (``server_args.py``)."""
+        shown = self.deepseek_allowed() if Version(self.version) == Version("0.5.16") else self.radix_backends
+        return (
+            f"Currently only {self.printed(shown)} attention backends are supported "
+            f"for deterministic inference with DeepSeek models. But you're using {backend}."
+        )
 
     def kv_allowed_with(self, backend: AttentionBackend) -> frozenset[KVCacheDtype] | None:
         """The KV-cache dtypes ``backend`` accepts in this version, or ``None`` when it accepts all."""
@@ -234,6 +252,8 @@ def _rules(version: str) -> Capabilities:
         kv_restrictions=restrictions,
         deepseek_needs_radix_backend=not v054,
         deterministic_deepseek_triton=not v054,
+        # server_args.py tests the literal ["fa3", "triton"] up to 0.5.16, the radix list from 0.5.17
+        deepseek_backends=frozenset({_B.FA3, _B.TRITON}) if v < Version("0.5.17") else frozenset(),
         backend_aliases=((_B.TOKENSPEED_MLA, _B.CUTEDSL_MLA),) if v >= Version("0.5.23") else (),
         rocm_rccl_check=v >= Version("0.5.23"),
         fa4_prefill_only=v < Version("0.5.8"),

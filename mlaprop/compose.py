@@ -202,12 +202,9 @@ def resolve_backend(
         and deterministic
         and deepseek_family
         and capabilities.deepseek_needs_radix_backend
-        and backend not in capabilities.radix_backends
+        and backend not in capabilities.deepseek_allowed()
     ):
-        said = (
-            f"Currently only {capabilities.printed(capabilities.radix_backends)} attention backends are supported "
-            f"for deterministic inference with DeepSeek models. But you're using {backend}."
-        )
+        said = capabilities.deepseek_refusal(backend.value)
         raise SGLangRefusal(said + f" (SGLang {capabilities.version})", said)
     if capabilities.alias_of(backend) is not backend:
         backend = capabilities.alias_of(backend)
@@ -585,9 +582,9 @@ def _compose(
         and deterministic
         and request.deepseek_family
         and caps.deepseek_needs_radix_backend
-        and backend not in caps.radix_backends
+        and backend not in caps.deepseek_allowed()
     ):
-        radix = sorted(b.value for b in caps.radix_backends)
+        radix = sorted(b.value for b in caps.deepseek_allowed())
         raise UnsupportedCombination(
             f"attention backend {backend} cannot be used with deterministic inference for a DeepSeek-family "
             f"(absorbed MLA) model on SGLang {caps.version}: SGLang allows only {', '.join(radix)} there and "
@@ -694,10 +691,10 @@ def _compose(
         and deterministic
         and request.deepseek_family
         and caps.deepseek_needs_radix_backend
-        and predicted not in caps.radix_backends
+        and predicted not in caps.deepseek_allowed()
         and backend_runs_on(predicted, hw_vendor, environment.arch, caps.version)
     ):
-        radix = sorted(b.value for b in caps.radix_backends)
+        radix = sorted(b.value for b in caps.deepseek_allowed())
         decisions.append(
             Decision(
                 Action.ADDED,

@@ -21,8 +21,8 @@ Stand-ins (the only things not real):
   no-op. The argument pipeline never builds an image processor.
 
 Limits of the simulation: the GPU memory probe (``get_device_memory_capacity``) and a few probes called
-directly from ``sglang.srt.utils.common`` (``is_gfx95_supported``, ``is_npu``) keep the CPU machine's answer;
-they steer memory sizing and MoE kernels, not the attention backend.
+directly from ``sglang.srt.utils.common`` (``is_npu``; ``is_gfx95_supported`` from 0.5.19) keep the CPU
+machine's answer; they steer memory sizing and MoE kernels, not the attention backend.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ class Platform:
             "is_sm120": self._cuda_sm((12,), (12, 8)),
             "is_blackwell": self._cuda_sm((10, 11, 12), (12, 8)),
             "is_hopper_with_cuda_12_3": sm90,
+            # not an override_platform fact: the legacy probe is_gfx95_supported (gcnArchName contains gfx95)
+            "is_gfx95": self.is_hip and (self.major, self.minor) == (9, 5),
             "has_amx": False,
             "has_flashinfer": self.has_flashinfer,
             "device_sm": self.major * 10 + self.minor,
@@ -306,11 +308,15 @@ _LEGACY_PROBES: dict[str, str] = {
     "is_sm110_supported": "is_sm110",
     "is_sm120_supported": "is_sm120",
     "is_blackwell_supported": "is_blackwell",
+    "is_gfx95_supported": "is_gfx95",  # 0.5.16-0.5.18 arg_groups/overrides.py: mxfp8 MoE default on ROCm
+    "xpu_has_xmx_support": "_false",  # 0.5.15-0.5.18 arg_groups/overrides.py: Intel XPU only
     "is_hopper_with_cuda_12_3": "is_hopper_with_cuda_12_3",
     "is_flashinfer_available": "has_flashinfer",
     "get_device_sm": "device_sm",
     "get_device_capability": "device_capability",
 }
+#: Facts only the legacy probe patching reads (no ``override_platform`` keyword of any release).
+_LEGACY_ONLY_FACTS = frozenset({"is_gfx95"})
 #: Names in ``sglang.srt.server_args`` that look like probes but are not facts about the GPU.
 _NOT_PLATFORM = frozenset(
     {
@@ -384,25 +390,30 @@ class SGLang:
         self.reuse_parser = True
 
     def _discover_legacy_probes(self) -> dict[str, str]:
+        """The probes ``server_args`` and (0.5.15-0.5.18) ``srt/arg_groups/*.py`` import by name, mapped to
+        facts. Each module is scanned: 0.5.15's ``arg_groups/overrides.py`` imports ``is_blackwell_supported``
+        (the ``trtllm_mla`` / ``tokenspeed_mla`` Blackwell gates) although ``server_args`` does not.
+        Raises :class:`SimulationGap` for a probe not in ``_LEGACY_PROBES`` or ``_NOT_PLATFORM``."""
         found: dict[str, str] = {}
-        unknown = []
-        for name, obj in vars(self.server_args).items():
-            if (
-                not _PROBE_NAME.match(name)
-                or name in _NOT_PLATFORM
-                or not callable(obj)
-                or isinstance(obj, type)
-            ):
-                continue
-            if getattr(obj, "__module__", None) == self.server_args.__name__:
-                continue  # defined in server_args itself: not an imported probe
-            if name in _LEGACY_PROBES:
-                found[name] = _LEGACY_PROBES[name]
-            else:
-                unknown.append(name)
+        unknown = set()
+        for module in _resolution_modules(self.server_args):
+            for name, obj in vars(module).items():
+                if (
+                    not _PROBE_NAME.match(name)
+                    or name in _NOT_PLATFORM
+                    or not callable(obj)
+                    or isinstance(obj, type)
+                ):
+                    continue
+                if getattr(obj, "__module__", None) == module.__name__:
+                    continue  # defined in that module itself: not an imported probe
+                if name in _LEGACY_PROBES:
+                    found[name] = _LEGACY_PROBES[name]
+                else:
+                    unknown.add(f"{module.__name__}.{name}")
         if unknown:
             raise SimulationGap(
-                f"sglang.srt.server_args {self.version} imports platform probes this simulation does not patch: "
+                f"SGLang {self.version} imports platform probes this simulation does not patch: "
                 f"{sorted(unknown)}; map them in tests/contract/sglang_sim.py _LEGACY_PROBES (or _NOT_PLATFORM)"
             )
         if "is_hip" not in found or "is_cuda" not in found:
@@ -525,7 +536,9 @@ class SGLang:
                         args = self.server_args.prepare_server_args(full)
                     # arg_groups modules of 0.5.15+ also call probes they imported by name
                     accepted = {
-                        k: v for k, v in facts.items() if not self._live_facts or k in self._live_facts
+                        k: v
+                        for k, v in facts.items()
+                        if (k in self._live_facts if self._live_facts else k not in _LEGACY_ONLY_FACTS)
                     }
                     with override_platform(**accepted), self._legacy_platform(facts):
                         args.resolve_once()
@@ -562,11 +575,7 @@ class SGLang:
     def _legacy_platform(self, facts: Mapping[str, Any]) -> Iterator[None]:
         # 0.5.15-0.5.19 moved parts of the resolution to srt/arg_groups/*.py, which import the same probes
         # by name: patch them there too.
-        modules = [self.server_args] + [
-            m
-            for n, m in sorted(sys.modules.items())
-            if n.startswith("sglang.srt.arg_groups.") and m is not None
-        ]
+        modules = _resolution_modules(self.server_args)
         saved = [
             (m, name, getattr(m, name)) for m in modules for name in self._legacy_probes if hasattr(m, name)
         ]
@@ -595,6 +604,15 @@ def _model_runner_0_5_4(backend: str | None, kv: str, tp: int, facts: Mapping[st
     if backend == "fa3" and kv == "fp8_e5m2":
         backend = "triton"
     return backend
+
+
+def _resolution_modules(server_args: types.ModuleType) -> list[types.ModuleType]:
+    """``server_args`` and every imported ``sglang.srt.arg_groups.*`` module (0.5.15+ resolve there)."""
+    return [server_args] + [
+        m
+        for n, m in sorted(sys.modules.items())
+        if n.startswith("sglang.srt.arg_groups.") and isinstance(m, types.ModuleType)
+    ]
 
 
 def _constant(value: Any) -> Any:

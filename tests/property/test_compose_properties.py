@@ -360,7 +360,7 @@ def _refusal_is_justified(env: Environment, req: LaunchRequest, caps, amd: bool)
             deterministic
             and req.deepseek_family
             and caps.deepseek_needs_radix_backend
-            and backend not in caps.radix_backends
+            and backend not in caps.deepseek_allowed()
         )
         or (allowed_kv is not None and kv not in allowed_kv)
     )
