@@ -617,3 +617,25 @@ def test_0_5_23_rocm_rccl_check_is_named():
     req = LaunchRequest(tp_size=4, extra_args=("--enable-det", "--disable-custom-all"))
     with pytest.raises(UnsupportedCombination, match=r"RCCL, which is not batch-invariant"):
         compose(env, req)
+
+
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [("0.5.16", False), ("0.5.17", True), ("0.5.23", True)],
+)
+def test_fa4_deterministic_deepseek_follows_the_literal_list_in_0_5_16(version, accepted):  # type: ignore[no-untyped-def]
+    """0.5.16's radix list has fa4, but its DeepSeek check in server_args.py tests the literal
+    ``["fa3", "triton"]`` (deepseek_deterministic_attention_backends); 0.5.17+ test the radix list. The
+    contract suite found the 0.5.16 difference (8 Blackwell plans SGLang refused)."""
+    env = replace(_H200, arch="sm100", sglang_version=version)
+    req = LaunchRequest(attention_backend=B.FA4, kv_cache_dtype=KVCacheDtype.AUTO)
+    caps = capabilities_for(version)
+    if accepted:
+        plan = compose(env, req)
+        assert plan.deterministic and plan.attention_backend is B.FA4
+    else:
+        with pytest.raises(UnsupportedCombination, match="SGLang allows only fa3, triton"):
+            compose(env, req)
+    if version == "0.5.16":
+        assert B.FA4 in caps.radix_backends
+        assert caps.deepseek_refusal("fa4").startswith("Currently only ['fa3', 'triton'] attention backends")
