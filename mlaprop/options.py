@@ -203,7 +203,8 @@ def shell_words(value: object) -> tuple[str, ...]:
         return tuple(shlex.split(str(value)))
     except ValueError as exc:
         raise ValueError(
-            f"not valid shell quoting ({exc}): {value!r}; close every quote, e.g. --sim-args='--sim-seed 3'"
+            f"not valid shell quoting ({exc}); close every quote, e.g. --sim-args='--sim-seed 3' (the value is not "
+            "shown: it may hold a secret)"
         ) from None
 
 
