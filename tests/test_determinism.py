@@ -372,6 +372,18 @@ class TestScripted:
         assert result.cause.startswith("wave 0, alone request of 1: HTTP 500")
         assert result.requests == 1
 
+    @pytest.mark.parametrize("sizes, info", [((1,), None), ((1, 4, 16), {"max_running_requests": 1})])
+    def test_no_comparison_is_an_error_not_a_pass(self, sizes: tuple[int, ...], info: Any) -> None:
+        """Regression: --batch-sizes 1, or a server running one request at a time, left one answer and no
+        comparison, and the check said PASS ("no comparison, so no power"); it is an ERROR naming why."""
+        with serve(_generate_handler(info=info)) as srv:
+            result = check_determinism(srv.url, batch_sizes=sizes, prefix_lengths=(), config=FAST)
+        assert result.comparisons == 0
+        assert result.status is Status.ERROR and not result.passed
+        assert result.cause.startswith("no comparison")
+        if info is not None:
+            assert "at most 1 request at once" in result.cause
+
     def test_wrong_list_length_is_malformed(self) -> None:
         """A list request answered with fewer answers than texts: ERROR (malformed)."""
 
