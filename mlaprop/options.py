@@ -44,6 +44,7 @@ __all__ = [
     "prefix_lengths",
     "report_dir",
     "shell_words",
+    "sim_words",
     "smoke_model",
 ]
 
@@ -208,6 +209,23 @@ def shell_words(value: object) -> tuple[str, ...]:
         ) from None
 
 
+def sim_words(value: object) -> tuple[str, ...]:
+    """``--sim-args``: shell words of ``--sim-*`` flags and their values only. Any other flag would reach the
+    simulated server unchecked (``--enable-deterministic-inference`` on an AMD plan); SGLang options belong
+    after ``--`` or in ``--server-args``, where compose reads them."""
+    words = shell_words(value)
+    for word in words:
+        if word.startswith("-") and not word.startswith("--sim-"):
+            try:
+                float(word)  # a negative number is a value
+            except ValueError:
+                raise ValueError(
+                    f"{word.split('=', 1)[0]} is not a simulated-server flag: --sim-args takes --sim-* flags only; "
+                    "pass SGLang options after -- or in --server-args, where mlaprop checks them"
+                ) from None
+    return words
+
+
 def base_url(value: object) -> str:
     """An ``http://`` or ``https://`` URL with a host (and a valid port, if any), stripped."""
     text = str(value)
@@ -362,7 +380,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         _check("--sim-accuracy", fraction, self.sim_accuracy)
         _check("--sim-latency", non_negative_seconds, self.sim_latency_s)
-        object.__setattr__(self, "sim_args", _check("--sim-args", shell_words, self.sim_args))
+        object.__setattr__(self, "sim_args", _check("--sim-args", sim_words, self.sim_args))
         _check("--ready-timeout", positive_seconds, self.ready_timeout_s)
         _check("teardown grace", non_negative_seconds, self.grace_s)
         object.__setattr__(self, "smoke_model", SmokeModel(self.smoke_model))

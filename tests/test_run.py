@@ -535,6 +535,23 @@ class TestUsageErrors:
                 ["--sim-args", "'unbalanced"],
                 "argument --sim-args: not valid shell quoting (No closing quotation)",
             ),
+            # regression: --sim-args took any flag, so --enable-deterministic-inference reached the simulated
+            # server of an AMD plan unchecked (and the server died with SGLang's ValueError, exit 3)
+            (
+                [
+                    "--vendor",
+                    "amd",
+                    "--arch",
+                    "gfx942",
+                    "--sim-args",
+                    "--sim-seed 3 --enable-deterministic-inference",
+                ],
+                "argument --sim-args: --enable-deterministic-inference is not a simulated-server flag",
+            ),
+            (
+                ["--sim-args", "--sim-seed=-1 --rl-on-policy-target=fsdp"],
+                "argument --sim-args: --rl-on-policy-target is not a simulated-server flag",
+            ),
             (
                 ["--batch-sizes", "0,0"],
                 "argument --batch-sizes: expected one or more batch sizes from 1 to 1024",
