@@ -378,6 +378,33 @@ class TestServerFailures:
         assert (s["status"], s["exit_code"]) == ("interrupted", 143)
         assert s["message"] == "mlaprop: interrupted (Terminated: terminated by SIGTERM); partial report kept"
 
+    def test_sigterm_is_recorded_before_teardown(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any
+    ) -> None:
+        """Regression: the interruption was recorded only after teardown, which may take the whole grace
+        period; a runner's SIGKILL in between left summary.json saying ``running``. It is on disk (and on
+        stderr) when teardown starts."""
+
+        def terminated(*a: Any, **k: Any) -> Any:
+            raise server.Terminated(signal.SIGTERM)
+
+        seen: list[tuple[str, int | None]] = []
+        real_stop = server.Server.stop
+
+        def stop(self: server.Server) -> None:
+            s = _summary(tmp_path)
+            seen.append((s["status"], s["exit_code"]))
+            real_stop(self)
+
+        monkeypatch.setattr(job, "check_determinism", terminated)
+        monkeypatch.setattr(server.Server, "stop", stop)
+        with pytest.raises(server.Terminated):
+            _run(tmp_path, mgsm_dir, limit=5)
+        assert seen and seen[0] == ("interrupted", 143)
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"], s["ended_by_signal"]) == ("interrupted", 143, "SIGTERM")
+        assert s["message"] == "mlaprop: interrupted (Terminated: terminated by SIGTERM); partial report kept"
+
     def test_interrupt_after_the_verdict_is_recorded(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
     ) -> None:
