@@ -916,6 +916,16 @@ def _result(
         cause = f"only {state.waves} of {len(waves)} waves answered"
     if not cause and not outcomes:
         cause = "no answer at all"
+    if (
+        not cause
+        and outcomes
+        and all(not k.key[0] and not k.key[1] for g in state.samples.values() for k in g)
+    ):
+        # SGLang's test_deterministic fails an empty result too: identical nothing is no evidence
+        cause = (
+            f"every answer was empty ({samples} answers with no text and no output token), so nothing was "
+            "compared: check the server's /generate and max_new_tokens"
+        )
     if not cause and comparisons == 0:  # one answer compares with nothing: not a pass
         cause = (
             f"no comparison: {samples} answer{'s' if samples != 1 else ''} and none repeated, so batch invariance "

@@ -384,6 +384,24 @@ class TestScripted:
         if info is not None:
             assert "at most 1 request at once" in result.cause
 
+    def test_empty_answers_are_an_error_not_a_pass(self) -> None:
+        """Regression: a server answering every /generate with no text and no token passed ("one distinct
+        output each"); SGLang's own test fails an empty result. It is an ERROR naming it."""
+        empty = {"text": "", "output_ids": [], "meta_info": {"output_token_logprobs": []}}
+
+        def handler(method: str, path: str, body: Any) -> Answer:
+            if path != "/generate":
+                return (
+                    Answer(text="ok") if path.startswith("/flush") else Answer(404, {"detail": "Not Found"})
+                )
+            texts = body["text"]
+            return Answer(body=[empty for _ in texts] if isinstance(texts, list) else empty)
+
+        with serve(handler) as srv:
+            result = check_determinism(srv.url, batch_sizes=(1, 2), prefix_lengths=(), config=FAST)
+        assert result.status is Status.ERROR and not result.passed
+        assert result.cause.startswith("every answer was empty")
+
     def test_wrong_list_length_is_malformed(self) -> None:
         """A list request answered with fewer answers than texts: ERROR (malformed)."""
 
