@@ -381,6 +381,13 @@ class RunOptions:
         _check("--sim-accuracy", fraction, self.sim_accuracy)
         _check("--sim-latency", non_negative_seconds, self.sim_latency_s)
         object.__setattr__(self, "sim_args", _check("--sim-args", sim_words, self.sim_args))
+        sim_flags = [str(a).split("=", 1)[0] for a in self.request.extra_args if str(a).startswith("--sim-")]
+        if sim_flags and not self.simulate and self.command_prefix is None:
+            # compose passes --sim-* extra arguments through for the simulator; SGLang's parser refuses them
+            raise InvalidOptions(
+                f"{sim_flags[0]} is a simulated-server flag, but this run launches SGLang, whose parser refuses "
+                "it: add --simulate, or remove it from the extra arguments"
+            )
         _check("--ready-timeout", positive_seconds, self.ready_timeout_s)
         _check("teardown grace", non_negative_seconds, self.grace_s)
         object.__setattr__(self, "smoke_model", SmokeModel(self.smoke_model))

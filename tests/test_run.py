@@ -710,6 +710,17 @@ class TestUsageErrors:
             RunOptions(environment=ENV, simulate=True, **change)
         assert str(info.value).startswith(match)
 
+    def test_simulator_flags_on_a_real_run_are_refused(self) -> None:
+        """Regression: ``mlaprop run -- --sim-crash-at-start 0`` (no --simulate) launched SGLang with the
+        simulator's flag, which SGLang's parser refuses at start-up (exit 3); it is a usage error before
+        launch. The simulator (``--simulate`` or a command prefix of one's own) still gets them."""
+        request = LaunchRequest(extra_args=("--mem-fraction-static", "0.8", "--sim-crash-at-start=0"))
+        with pytest.raises(InvalidOptions) as info:
+            RunOptions(request=request, environment=ENV)
+        assert str(info.value).startswith("--sim-crash-at-start is a simulated-server flag")
+        RunOptions(request=request, environment=ENV, simulate=True)
+        RunOptions(request=request, environment=ENV, command_prefix=("python", "-m", "mlaprop.simserver"))
+
     def test_dataset_of_another_language(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
     ) -> None:
