@@ -158,7 +158,9 @@ class ServerArgs:
         version: SGLang version whose option table read it.
         options: every option read, in order, repeats folded (the last wins; ``append`` options keep all),
             in mlaprop's spelling.
-        attention_backend: ``--attention-backend`` or ``None`` (SGLang then chooses).
+        attention_backend: ``--attention-backend``, or the value of ``--prefill-attention-backend`` and
+            ``--decode-attention-backend`` when both are given and equal (SGLang then makes it the attention
+            backend, over ``--attention-backend``), or ``None`` (SGLang then chooses).
         kv_cache_dtype: ``--kv-cache-dtype`` or ``None`` (SGLang's default ``auto``).
         tp_size: ``--tp-size`` / ``--tensor-parallel-size`` as written, or ``None`` (1).
         deterministic: SGLang will run deterministic inference: ``--enable-deterministic-inference`` or an
@@ -368,10 +370,14 @@ def read_server_args(argv: Sequence[str], version: str) -> ServerArgs:
             spec = table.by_string.get(implied)
             if spec is not None and spec.name in by_name:
                 det_by = spec.name
+    # SGLang's _handle_attention_backend_compatibility (``_attention_backend_default`` from 0.5.20): equal
+    # prefill and decode backends become the attention backend, over an explicit --attention-backend too.
+    prefill, decode = value("--prefill-attention-backend"), value("--decode-attention-backend")
+    attention_backend = prefill if prefill is not None and prefill == decode else value("--attention-backend")
     return ServerArgs(
         version=table.version,
         options=options,
-        attention_backend=value("--attention-backend"),
+        attention_backend=attention_backend,
         kv_cache_dtype=value("--kv-cache-dtype"),
         tp_size=value("--tp-size"),
         deterministic=det_by is not None,

@@ -399,9 +399,17 @@ def compose(
 
 def _abbreviation_note(request: LaunchRequest, version: str) -> str:
     try:
-        return read_server_args(request.extra_args, version).abbreviations()
+        user = read_server_args(request.extra_args, version)
     except (InvalidEnvironment, TypeError):
         return ""
+    notes = [user.abbreviations()] if user.abbreviations() else []
+    prefill = user.get("--prefill-attention-backend")
+    if prefill is not None and user.attention_backend == prefill.value:
+        notes.append(
+            f"equal --prefill-attention-backend and --decode-attention-backend {prefill.value} are SGLang's "
+            f"--attention-backend {prefill.value}"
+        )
+    return "; ".join(notes)
 
 
 def _compose(
@@ -445,11 +453,18 @@ def _compose(
     backend = request.attention_backend
     if user.attention_backend is not None:
         user_backend = parse_enum(AttentionBackend, user.attention_backend, "attention backend")
+        both = user.get("--prefill-attention-backend")
+        given = (
+            f"--prefill-attention-backend and --decode-attention-backend {user_backend} (SGLang makes equal "
+            "ones the attention backend)"
+            if both is not None and both.value == user.attention_backend
+            else f"--attention-backend {user_backend}"
+        )
         decisions.append(
             Decision(
                 Action.REPLACED,
                 "--attention-backend",
-                f"the user's --attention-backend {user_backend} replaces "
+                f"the user's {given} replaces "
                 + (f"the requested {backend}" if backend else "SGLang's own choice"),
                 "user extra arguments",
             )

@@ -916,6 +916,27 @@ def _result(
         cause = f"only {state.waves} of {len(waves)} waves answered"
     if not cause and not outcomes:
         cause = "no answer at all"
+    if (
+        not cause
+        and outcomes
+        and all(not k.key[0] and not k.key[1] for g in state.samples.values() for k in g)
+    ):
+        # SGLang's test_deterministic fails an empty result too: identical nothing is no evidence
+        cause = (
+            f"every answer was empty ({samples} answers with no text and no output token), so nothing was "
+            "compared: check the server's /generate and max_new_tokens"
+        )
+    if not cause and comparisons == 0:  # one answer compares with nothing: not a pass
+        cause = (
+            f"no comparison: {samples} answer{'s' if samples != 1 else ''} and none repeated, so batch invariance "
+            "was not tested (a batch size above 1 is needed"
+            + (
+                f"; the server runs at most {limit} request at once"
+                if limit is not None and limit <= 1
+                else ""
+            )
+            + ")"
+        )
     varied = [o for o in outcomes if not o.passed]
     status = Status.FAIL if varied else Status.ERROR if cause else Status.PASS
     reason = _reason(status, outcomes, varied, cause, samples, comparisons, rate, confidence)

@@ -770,28 +770,35 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
                         redactor=job.reporter.redactor,
                     )
                 )
-            job.step("launch", since)
-            job.summary.server = ServerInfo(server.base_url, server.command, str(server.log_path))
-            job.save()
-            job.say(
-                f"server ready in {job.summary.timings_s['launch']:.1f} s at {server.base_url} "
-                f"(log: {server.log_path})"
-            )
             try:
-                result = eval_mgsm(job, server.base_url, dataset, config, server.alive)
-            except EvalAborted as exc:
-                code = _aborted(job, exc, server.log_tail(5), server_died=not server.alive())
-            else:
-                if run_opts.smoke and smoke_dir is not None:
-                    reference_stage(job, run_opts, smoke_dir, result)
-                det = determinism(job, server.base_url, config, server.alive) if wants_det else None
-                outcome = decide(result, det, opts)
-                if det is not None and determinism_status(det) == "error":  # infrastructure: cause + log tail
-                    tail = tuple(server.log_tail(5))
-                    job.summary.error = ErrorInfo("determinism", "DeterminismError", det.cause, tail)
-                code = job.finish(outcome.status, outcome.exit_code, outcome.message)
-            since = time.monotonic()
-            job.stage = "teardown"
+                job.step("launch", since)
+                job.summary.server = ServerInfo(server.base_url, server.command, str(server.log_path))
+                job.save()
+                job.say(
+                    f"server ready in {job.summary.timings_s['launch']:.1f} s at {server.base_url} "
+                    f"(log: {server.log_path})"
+                )
+                try:
+                    result = eval_mgsm(job, server.base_url, dataset, config, server.alive)
+                except EvalAborted as exc:
+                    code = _aborted(job, exc, server.log_tail(5), server_died=not server.alive())
+                else:
+                    if run_opts.smoke and smoke_dir is not None:
+                        reference_stage(job, run_opts, smoke_dir, result)
+                    det = determinism(job, server.base_url, config, server.alive) if wants_det else None
+                    outcome = decide(result, det, opts)
+                    # infrastructure: cause + log tail
+                    if det is not None and determinism_status(det) == "error":
+                        tail = tuple(server.log_tail(5))
+                        job.summary.error = ErrorInfo("determinism", "DeterminismError", det.cause, tail)
+                    code = job.finish(outcome.status, outcome.exit_code, outcome.message)
+                since = time.monotonic()
+                job.stage = "teardown"
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # the partial report first: teardown may take the whole grace period, and a runner that
+                # cancels a job sends SIGKILL after a few seconds
+                job.stopped(exc)
+                raise
         job.step("teardown", since)
         job.save()
         return code

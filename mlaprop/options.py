@@ -44,6 +44,7 @@ __all__ = [
     "prefix_lengths",
     "report_dir",
     "shell_words",
+    "sim_words",
     "smoke_model",
 ]
 
@@ -203,8 +204,26 @@ def shell_words(value: object) -> tuple[str, ...]:
         return tuple(shlex.split(str(value)))
     except ValueError as exc:
         raise ValueError(
-            f"not valid shell quoting ({exc}): {value!r}; close every quote, e.g. --sim-args='--sim-seed 3'"
+            f"not valid shell quoting ({exc}); close every quote, e.g. --sim-args='--sim-seed 3' (the value is not "
+            "shown: it may hold a secret)"
         ) from None
+
+
+def sim_words(value: object) -> tuple[str, ...]:
+    """``--sim-args``: shell words of ``--sim-*`` flags and their values only. Any other flag would reach the
+    simulated server unchecked (``--enable-deterministic-inference`` on an AMD plan); SGLang options belong
+    after ``--`` or in ``--server-args``, where compose reads them."""
+    words = shell_words(value)
+    for word in words:
+        if word.startswith("-") and not word.startswith("--sim-"):
+            try:
+                float(word)  # a negative number is a value
+            except ValueError:
+                raise ValueError(
+                    f"{word.split('=', 1)[0]} is not a simulated-server flag: --sim-args takes --sim-* flags only; "
+                    "pass SGLang options after -- or in --server-args, where mlaprop checks them"
+                ) from None
+    return words
 
 
 def base_url(value: object) -> str:
@@ -361,7 +380,14 @@ class RunOptions:
     def __post_init__(self) -> None:
         _check("--sim-accuracy", fraction, self.sim_accuracy)
         _check("--sim-latency", non_negative_seconds, self.sim_latency_s)
-        object.__setattr__(self, "sim_args", _check("--sim-args", shell_words, self.sim_args))
+        object.__setattr__(self, "sim_args", _check("--sim-args", sim_words, self.sim_args))
+        sim_flags = [str(a).split("=", 1)[0] for a in self.request.extra_args if str(a).startswith("--sim-")]
+        if sim_flags and not self.simulate and self.command_prefix is None:
+            # compose passes --sim-* extra arguments through for the simulator; SGLang's parser refuses them
+            raise InvalidOptions(
+                f"{sim_flags[0]} is a simulated-server flag, but this run launches SGLang, whose parser refuses "
+                "it: add --simulate, or remove it from the extra arguments"
+            )
         _check("--ready-timeout", positive_seconds, self.ready_timeout_s)
         _check("teardown grace", non_negative_seconds, self.grace_s)
         object.__setattr__(self, "smoke_model", SmokeModel(self.smoke_model))

@@ -222,6 +222,23 @@ class TestFoundByNewUsers:
         assert "sekrit123" not in out + err
         assert err.startswith("mlaprop: error: ")
 
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ("compose", "--arch", "sm90", "--server-args", "--api-key 'sekrit123"),
+            ("compose", "--arch", "sm90", "--server-args", "--api-key sek'rit123"),
+            ("compose", "--arch", "sm90", "--server-args", "--api-key='sek\\rit123\"x"),
+            ("run", "--simulate", "--sim-args", "--api-key 'sekrit123"),
+        ],
+    )
+    def test_bad_quoting_never_echoes_a_secret(self, capsys, argv):  # type: ignore[no-untyped-def]
+        """Regression: a --server-args / --sim-args value with an unclosed quote was quoted back in the error,
+        its --api-key value with it (whole after a quote, or in repr form past the mask)."""
+        code, out, err = _run(capsys, *argv)
+        assert code == 2
+        assert err.startswith("mlaprop: error: ") and "shell quoting" in err
+        assert "rit123" not in out + err
+
     @pytest.mark.parametrize("flag", ["--por", "--hos", "--model-pa"])
     def test_prefixes_of_launcher_options_are_refused(self, capsys, flag):  # type: ignore[no-untyped-def]
         """SGLang's argparse expands unique prefixes; --por is --port and is refused like it."""

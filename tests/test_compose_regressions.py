@@ -639,3 +639,25 @@ def test_fa4_deterministic_deepseek_follows_the_literal_list_in_0_5_16(version, 
     if version == "0.5.16":
         assert B.FA4 in caps.radix_backends
         assert caps.deepseek_refusal("fa4").startswith("Currently only ['fa3', 'triton'] attention backends")
+
+
+@pytest.mark.parametrize("version", ["0.5.4", "0.5.11", "0.5.23"])
+def test_equal_prefill_and_decode_backends_are_the_attention_backend(version):  # type: ignore[no-untyped-def]
+    """SGLang makes equal --prefill-attention-backend and --decode-attention-backend the attention backend,
+    over --attention-backend too (_handle_attention_backend_compatibility): on NVIDIA, aiter so spelled is
+    refused before launch (it was composed, and the server died with SGLang's ValueError); on ROCm 0.5.11,
+    triton so spelled is predicted and gets SGLANG_ROCM_FUSED_DECODE_MLA=0 (it was predicted aiter)."""
+    nvidia = replace(_H200, sglang_version=version)
+    both = ("--prefill-attention-back", "aiter", "--decode-attention-backend=aiter")
+    with pytest.raises(UnsupportedCombination, match=r"aiter.*equal --prefill-attention-backend"):
+        compose(nvidia, LaunchRequest(extra_args=("--attention-backend", "triton", *both)))
+    amd = replace(_AMD, sglang_version=version)
+    plan = compose(
+        amd, LaunchRequest(extra_args=("--prefill-attention-backend", "triton", "--decode-att", "triton"))
+    )
+    assert plan.attention_backend is B.TRITON and not plan.deterministic
+    assert plan.option("--attention-backend") == "triton"
+    if capabilities_for(version).rocm_fused_decode_mla_any_backend:
+        assert plan.env.get("SGLANG_ROCM_FUSED_DECODE_MLA") == "0"
+    mixed = compose(amd, LaunchRequest(extra_args=("--prefill-attention-backend", "triton")))
+    assert mixed.attention_backend is B.AITER

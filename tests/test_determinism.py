@@ -372,6 +372,36 @@ class TestScripted:
         assert result.cause.startswith("wave 0, alone request of 1: HTTP 500")
         assert result.requests == 1
 
+    @pytest.mark.parametrize("sizes, info", [((1,), None), ((1, 4, 16), {"max_running_requests": 1})])
+    def test_no_comparison_is_an_error_not_a_pass(self, sizes: tuple[int, ...], info: Any) -> None:
+        """Regression: --batch-sizes 1, or a server running one request at a time, left one answer and no
+        comparison, and the check said PASS ("no comparison, so no power"); it is an ERROR naming why."""
+        with serve(_generate_handler(info=info)) as srv:
+            result = check_determinism(srv.url, batch_sizes=sizes, prefix_lengths=(), config=FAST)
+        assert result.comparisons == 0
+        assert result.status is Status.ERROR and not result.passed
+        assert result.cause.startswith("no comparison")
+        if info is not None:
+            assert "at most 1 request at once" in result.cause
+
+    def test_empty_answers_are_an_error_not_a_pass(self) -> None:
+        """Regression: a server answering every /generate with no text and no token passed ("one distinct
+        output each"); SGLang's own test fails an empty result. It is an ERROR naming it."""
+        empty = {"text": "", "output_ids": [], "meta_info": {"output_token_logprobs": []}}
+
+        def handler(method: str, path: str, body: Any) -> Answer:
+            if path != "/generate":
+                return (
+                    Answer(text="ok") if path.startswith("/flush") else Answer(404, {"detail": "Not Found"})
+                )
+            texts = body["text"]
+            return Answer(body=[empty for _ in texts] if isinstance(texts, list) else empty)
+
+        with serve(handler) as srv:
+            result = check_determinism(srv.url, batch_sizes=(1, 2), prefix_lengths=(), config=FAST)
+        assert result.status is Status.ERROR and not result.passed
+        assert result.cause.startswith("every answer was empty")
+
     def test_wrong_list_length_is_malformed(self) -> None:
         """A list request answered with fewer answers than texts: ERROR (malformed)."""
 

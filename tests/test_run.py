@@ -378,6 +378,33 @@ class TestServerFailures:
         assert (s["status"], s["exit_code"]) == ("interrupted", 143)
         assert s["message"] == "mlaprop: interrupted (Terminated: terminated by SIGTERM); partial report kept"
 
+    def test_sigterm_is_recorded_before_teardown(
+        self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any
+    ) -> None:
+        """Regression: the interruption was recorded only after teardown, which may take the whole grace
+        period; a runner's SIGKILL in between left summary.json saying ``running``. It is on disk (and on
+        stderr) when teardown starts."""
+
+        def terminated(*a: Any, **k: Any) -> Any:
+            raise server.Terminated(signal.SIGTERM)
+
+        seen: list[tuple[str, int | None]] = []
+        real_stop = server.Server.stop
+
+        def stop(self: server.Server) -> None:
+            s = _summary(tmp_path)
+            seen.append((s["status"], s["exit_code"]))
+            real_stop(self)
+
+        monkeypatch.setattr(job, "check_determinism", terminated)
+        monkeypatch.setattr(server.Server, "stop", stop)
+        with pytest.raises(server.Terminated):
+            _run(tmp_path, mgsm_dir, limit=5)
+        assert seen and seen[0] == ("interrupted", 143)
+        s = _summary(tmp_path)
+        assert (s["status"], s["exit_code"], s["ended_by_signal"]) == ("interrupted", 143, "SIGTERM")
+        assert s["message"] == "mlaprop: interrupted (Terminated: terminated by SIGTERM); partial report kept"
+
     def test_interrupt_after_the_verdict_is_recorded(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any
     ) -> None:
@@ -535,6 +562,23 @@ class TestUsageErrors:
                 ["--sim-args", "'unbalanced"],
                 "argument --sim-args: not valid shell quoting (No closing quotation)",
             ),
+            # regression: --sim-args took any flag, so --enable-deterministic-inference reached the simulated
+            # server of an AMD plan unchecked (and the server died with SGLang's ValueError, exit 3)
+            (
+                [
+                    "--vendor",
+                    "amd",
+                    "--arch",
+                    "gfx942",
+                    "--sim-args",
+                    "--sim-seed 3 --enable-deterministic-inference",
+                ],
+                "argument --sim-args: --enable-deterministic-inference is not a simulated-server flag",
+            ),
+            (
+                ["--sim-args", "--sim-seed=-1 --rl-on-policy-target=fsdp"],
+                "argument --sim-args: --rl-on-policy-target is not a simulated-server flag",
+            ),
             (
                 ["--batch-sizes", "0,0"],
                 "argument --batch-sizes: expected one or more batch sizes from 1 to 1024",
@@ -665,6 +709,17 @@ class TestUsageErrors:
         with pytest.raises(InvalidOptions) as info:
             RunOptions(environment=ENV, simulate=True, **change)
         assert str(info.value).startswith(match)
+
+    def test_simulator_flags_on_a_real_run_are_refused(self) -> None:
+        """Regression: ``mlaprop run -- --sim-crash-at-start 0`` (no --simulate) launched SGLang with the
+        simulator's flag, which SGLang's parser refuses at start-up (exit 3); it is a usage error before
+        launch. The simulator (``--simulate`` or a command prefix of one's own) still gets them."""
+        request = LaunchRequest(extra_args=("--mem-fraction-static", "0.8", "--sim-crash-at-start=0"))
+        with pytest.raises(InvalidOptions) as info:
+            RunOptions(request=request, environment=ENV)
+        assert str(info.value).startswith("--sim-crash-at-start is a simulated-server flag")
+        RunOptions(request=request, environment=ENV, simulate=True)
+        RunOptions(request=request, environment=ENV, command_prefix=("python", "-m", "mlaprop.simserver"))
 
     def test_dataset_of_another_language(
         self, tmp_path: Path, mgsm_dir: Path, monkeypatch: Any, capsys: Any

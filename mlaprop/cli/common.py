@@ -159,7 +159,11 @@ class _AppendServerArgs(argparse.Action):
         try:
             words = tuple(shlex.split(str(values)))
         except ValueError as exc:
-            raise argparse.ArgumentError(self, f"not valid shell quoting ({exc}): {values!r}") from None
+            # the value is not repeated: a secret in it (``--api-key 'KEY``) is past what redaction can find
+            raise argparse.ArgumentError(
+                self,
+                f"not valid shell quoting ({exc}); close every quote (the value is not shown: it may hold a secret)",
+            ) from None
         setattr(namespace, self.dest, (*getattr(namespace, self.dest, ()), *words))
 
 

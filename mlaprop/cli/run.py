@@ -342,7 +342,7 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser], help: str)
     )
     s.add_argument(
         "--sim-args",
-        type=arg_type(o.shell_words),
+        type=arg_type(o.sim_words),
         default=(),
         metavar="ARGS",
         help="more --sim-* flags for the simulated server, as one shell-quoted string",
