@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from mlaprop import options
 from mlaprop.canary import CanaryError
 from mlaprop.ci import envbool
 from mlaprop.detect import detect_environment
 from mlaprop.environment import DEFAULT_MODEL, Environment, InvalidEnvironment, Vendor
 from mlaprop.options import CANARY_GATE, SMOKE_MODEL_VARIABLE, SmokeModel, smoke_model
 from mlaprop.preflight import PreflightError, hf_offline, preflight
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,40 +47,27 @@ class GpuConfig:
         return not self.smoke or self.smoke_model.gated
 
 
-def _positive_int(name: str, value: str | None, default: int) -> int:
+def _env_number(name: str, value: str | None, default: T, check: Callable[[object], T], form: str) -> T:
+    """``value`` of the variable ``name`` read by ``check`` (one of :mod:`mlaprop.options`' validators, the
+    same rules as the CLI's flags); ``default`` when unset or empty; a set-up failure naming it otherwise."""
     if value is None or value == "":
         return default
     try:
-        number = int(value)
+        return check(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        pytest.fail(f"{name}={value!r} is not a whole number >= 1 (e.g. {name}=2)", pytrace=False)
-    return number
+        pytest.fail(f"{name}={value!r} is not {form}", pytrace=False)
+
+
+def _positive_int(name: str, value: str | None, default: int) -> int:
+    return _env_number(name, value, default, options.positive_int, f"a whole number >= 1 (e.g. {name}=2)")
 
 
 def _fraction(name: str, value: str | None, default: float) -> float:
-    if value is None or value == "":
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not 0.0 <= number <= 1.0:
-        pytest.fail(f"{name}={value!r} is not a score between 0 and 1 (e.g. {name}=0.8)", pytrace=False)
-    return number
+    return _env_number(name, value, default, options.fraction, f"a score between 0 and 1 (e.g. {name}=0.8)")
 
 
 def _positive_float(name: str, value: str | None, default: float) -> float:
-    if value is None or value == "":
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number > 0:
-        pytest.fail(f"{name}={value!r} is not a number > 0", pytrace=False)
-    return number
+    return _env_number(name, value, default, options.positive_seconds, "a number > 0")
 
 
 def smoke_model_folder(choice: SmokeModel, simulate: bool, dataset: str | None, tmp_path: Path) -> Path:
