@@ -360,7 +360,8 @@ def cases(quick: bool) -> list[Case]:
                 faults="flood",
                 sim_args="--sim-latency 3",
                 limit=250,
-                extra=("--server-log",),
+                # 4 waves of 3 s: the run must outlast the flood (one wave of 250 would end it first)
+                extra=("--server-log", "--concurrency", "64"),
                 env={"FAKE_SGLANG_FLOOD_HEAD_START": "1"},
                 check=_flood_check,
             )
