@@ -22,7 +22,8 @@ from typing import Any, NoReturn
 
 from packaging.version import InvalidVersion, Version
 
-from mlaprop.environment import InvalidEnvironment
+from mlaprop.environment import InvalidEnvironment, LaunchPlan
+from mlaprop.redact import MASK, is_secret_name
 
 __all__ = [
     "DETERMINISTIC_OPTION",
@@ -395,8 +396,6 @@ def read_server_args(argv: Sequence[str], version: str) -> ServerArgs:
 def _masked(message: str, argv: Sequence[str], table: OptionTable) -> str:
     """``message`` with the value of every secret option in ``argv`` (``--api-key``, ``--hf-token``, their
     prefixes and ``=`` forms; :func:`mlaprop.redact.is_secret_name`) replaced by ``***``."""
-    from mlaprop.redact import MASK, is_secret_name
-
     secrets: list[str] = []
     for i, tok in enumerate(argv):
         head, eq, tail = tok.partition("=")
@@ -432,3 +431,34 @@ def _is_number(token: str) -> bool:
 def flatten(options: Iterable[Option]) -> tuple[str, ...]:
     """Options back to argv tokens, in mlaprop's spelling."""
     return tuple(t for o in options for t in o.tokens())
+
+
+def split_simulator_args(tokens: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split extra arguments into SGLang's and the simulated server's own ``--sim-*`` flags
+    (:mod:`mlaprop.simserver`; ``--sim-x value`` or ``--sim-x=value``). SGLang's parser would refuse the latter;
+    they are passed through, after SGLang's, for a server command that is the simulator."""
+    ours: list[str] = []
+    sim: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if isinstance(tok, str) and tok.startswith("--sim-"):
+            sim.append(tok)
+            if "=" not in tok and i + 1 < len(tokens) and not str(tokens[i + 1]).startswith("--"):
+                sim.append(tokens[i + 1])
+                i += 1
+        else:
+            ours.append(tok)
+        i += 1
+    return tuple(ours), tuple(sim)
+
+
+def read_plan(plan: LaunchPlan) -> ServerArgs:
+    """``plan`` as SGLang ``plan.sglang_version`` reads it: ``--model-path`` ``plan.model`` and ``plan.argv``
+    (the simulated server's ``--sim-*`` flags left out; ``host``/``port`` are the launcher's and read ``None``).
+
+    Raises:
+        InvalidEnvironment: SGLang's parser would refuse the plan (never for a plan ``compose`` returned).
+    """
+    argv = split_simulator_args(plan.argv)[0]
+    return read_server_args(["--model-path", plan.model, *argv], plan.sglang_version)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
-from mlaprop.args import LAUNCHER_OWNED, REFUSED, ServerArgs, read_server_args
+from mlaprop.args import LAUNCHER_OWNED, REFUSED, ServerArgs, read_server_args, split_simulator_args
 from mlaprop.capabilities import (
     NEWEST,
     SOURCES,
@@ -281,26 +281,6 @@ def _check_choices(
             f"--kv-cache-dtype mxfp8 needs an NVIDIA Blackwell GPU (SM100+, CUDA >= 12.8); this is "
             f"{'ROCm' if rocm else 'NVIDIA'} {env.arch}. Use fp8_e4m3 or fp8_e5m2"
         )
-
-
-def split_simulator_args(tokens: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split extra arguments into SGLang's and the simulated server's own ``--sim-*`` flags
-    (:mod:`mlaprop.simserver`; ``--sim-x value`` or ``--sim-x=value``). SGLang's parser would refuse the latter;
-    they are passed through, after SGLang's, for a server command that is the simulator."""
-    ours: list[str] = []
-    sim: list[str] = []
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if isinstance(tok, str) and tok.startswith("--sim-"):
-            sim.append(tok)
-            if "=" not in tok and i + 1 < len(tokens) and not str(tokens[i + 1]).startswith("--"):
-                sim.append(tokens[i + 1])
-                i += 1
-        else:
-            ours.append(tok)
-        i += 1
-    return tuple(ours), tuple(sim)
 
 
 def _read_user_args(request: LaunchRequest, version: str) -> tuple[ServerArgs, list[Decision]]:

@@ -10,10 +10,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:
-    from mlaprop.args import ServerArgs
+from typing import TypeVar
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -280,16 +277,6 @@ class LaunchPlan:
     def __post_init__(self) -> None:
         if not isinstance(self.env, MappingProxyType):
             object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
-
-    @property
-    def server_args(self) -> ServerArgs:
-        """The plan as SGLang ``sglang_version`` reads it: ``--model-path`` :attr:`model` and :attr:`argv`
-        (``host``/``port`` are the launcher's and read ``None`` here). See :func:`mlaprop.args.read_server_args`."""
-        from mlaprop.args import read_server_args
-        from mlaprop.compose import split_simulator_args
-
-        argv = split_simulator_args(self.argv)[0]
-        return read_server_args(["--model-path", self.model, *argv], self.sglang_version)
 
     def has_flag(self, flag: str) -> bool:
         """``True`` when ``flag`` (``--x`` or ``--x=value``) is in :attr:`argv`."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mlaprop import __version__
 from mlaprop import server as srv
-from mlaprop.args import read_server_args
+from mlaprop.args import read_plan, read_server_args
 from mlaprop.canary import CanaryError, compare_with_reference, ensure_canary, reference_answers
 from mlaprop.capabilities import KNOWN_VERSIONS
 from mlaprop.compose import UnsupportedCombination, compose
@@ -110,7 +110,7 @@ def server_options(argv: Sequence[str], sglang_version: str) -> ServerOptions:
     """The one place the job reads server options out of an argv that has no plan yet (the user's extra
     args in smoke mode): read as SGLang ``sglang_version``'s parser reads it
     (:func:`mlaprop.args.read_server_args`: prefixes, ``=`` forms, last repeat wins). Code holding a plan reads
-    ``plan.server_args``.
+    ``read_plan(plan)``.
 
     Raises:
         InvalidEnvironment: SGLang's parser would refuse ``argv``.
@@ -740,7 +740,7 @@ def _run(job: JobRecord, run_opts: RunOptions, opts: EvalOptions) -> int:
         SIMSERVER_COMMAND if run_opts.simulate else srv.DEFAULT_COMMAND_PREFIX
     )
     extra = _sim_args(env, dataset, run_opts) if run_opts.simulate else []
-    api_key = plan.server_args.api_key
+    api_key = read_plan(plan).api_key
     job.add_secrets([api_key, opts.api_key, *_secret_values(run_opts.env_vars)])
     config = opts.client_config(api_key)
     log_path = opts.report_dir / "server.log"

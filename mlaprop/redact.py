@@ -343,7 +343,7 @@ class Redactor:
     ) -> Redactor:
         """A redactor for every secret in ``argv`` (the server command line, ``plan.argv``), ``environ``
         (the server's environment: ``os.environ`` merged with ``plan.env``) and ``extra`` (values the caller
-        knows otherwise, such as ``plan.server_args.api_key``). See :func:`secrets_in` for what counts."""
+        knows otherwise, such as ``mlaprop.args.read_plan(plan).api_key``). See :func:`secrets_in` for what counts."""
         values = secrets_in(argv, environ)
         for value in extra:
             if value and _is_maskable(str(value).strip()) and str(value).strip() not in values:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from mlaprop.args import read_plan
 from mlaprop.capabilities import capabilities_for
 from mlaprop.compose import DETERMINISTIC_FLAG, UnsupportedCombination, compose, resolve_backend
 from mlaprop.detect import HardwareProbe, detect_environment
@@ -434,7 +435,7 @@ def test_kv_cache_prefix_is_folded_not_duplicated():
     ``--kv-cache-dtype`` in the plan, written in full, and SGLang's reading of the plan agrees."""
     plan = compose(_H200, LaunchRequest(extra_args=("--kv-cache", "fp8_e4m3")))
     assert plan.argv.count("--kv-cache-dtype") == 1 and "--kv-cache" not in plan.argv
-    assert plan.server_args.kv_cache_dtype == "fp8_e4m3"
+    assert read_plan(plan).kv_cache_dtype == "fp8_e4m3"
     assert plan.attention_backend is B.FA3
 
 
@@ -454,7 +455,7 @@ def test_plan_server_args_reads_the_plan_as_sglang(version):
     model from the launcher's ``--model-path``."""
     env = replace(_H200, gpu_count=2, sglang_version=version)
     plan = compose(env, LaunchRequest(tp_size=2, extra_args=("--api-key=k1", "--load-format", "dummy")))
-    read = plan.server_args
+    read = read_plan(plan)
     assert (read.kv_cache_dtype, read.tp_size, read.deterministic) == ("fp8_e5m2", "2", True)
     assert (read.api_key, read.load_format, read.model_path) == ("k1", "dummy", plan.model)
     assert read.host is None and read.port is None

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from mlaprop.args import option_table, read_server_args
+from mlaprop.args import option_table, read_plan, read_server_args
 from mlaprop.capabilities import KNOWN_VERSIONS, backend_runs_on, capabilities_for, is_blackwell, is_sm100
 from mlaprop.compose import (
     DETERMINISTIC_FLAG,
@@ -448,7 +448,7 @@ class TestSGLangSpellings:
             event(f"refused: {type(exc).__name__}{' (AMD deterministic rule)' if amd_rule else ''}")
             return
         event("plan checked")
-        assert not plan.deterministic and not plan.server_args.deterministic, (extra, plan.argv)
+        assert not plan.deterministic and not read_plan(plan).deterministic, (extra, plan.argv)
 
     @settings(deadline=None)
     @given(data=st.data(), version=S.versions, env=S.nvidia_without_amd_signal())
@@ -466,7 +466,7 @@ class TestSGLangSpellings:
             assume(False)
             return
         event("plan checked")
-        user, read = read_server_args(extra, version), plan.server_args
+        user, read = read_server_args(extra, version), read_plan(plan)
         assert read.deterministic is plan.deterministic
         assert read.kv_cache_dtype == (user.kv_cache_dtype or "fp8_e5m2")
         for o in user.options:
