@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1024, help="concurrency of both evals (default: 1024)")
     p.add_argument("--reps", type=int, default=1, help="repetitions of part A (default: 1)")
     p.add_argument("--skip-whole-run", action="store_true")
+    p.add_argument("--skip-eval", action="store_true", help="only part B (whole runs)")
     p.add_argument("--sglang-python", default=sys.executable, help="interpreter for SGLang's side")
     p.add_argument(
         "--model",
@@ -103,6 +104,16 @@ def main() -> int:
     results: dict[str, Any] = {"limit": args.limit, "threads": args.threads, "server_args": extra}
 
     # ---- A: one running server, the two evals
+    mine: list[tuple[float, float]] = []
+    theirs: list[tuple[float, float]] = []
+    if not args.skip_eval:
+        _part_a(args, results, model, smoke, extra, sim, out, n, mine, theirs)
+    _part_b(args, results, model, smoke, extra, sim, out, n)
+    _print_table(args, results, sim, mine, theirs)
+    return 0
+
+
+def _part_a(args, results, model, smoke, extra, sim, out, n, mine, theirs):  # type: ignore[no-untyped-def]
     started = time.monotonic()
     srv = server.start(
         None,
@@ -115,8 +126,6 @@ def main() -> int:
     )
     results["a_server_ready_s"] = time.monotonic() - started
     print(f"A: server ready in {results['a_server_ready_s']:.0f} s at {srv.base_url}", flush=True)
-    mine: list[tuple[float, float]] = []
-    theirs: list[tuple[float, float]] = []
     try:
         for rep in range(args.reps):
             for who in ("mlaprop", "sglang") if rep % 2 == 0 else ("sglang", "mlaprop"):
@@ -148,7 +157,7 @@ def main() -> int:
                     theirs.append((float(got["eval_s"]), wall))
                     print(
                         f"  SGLang run_eval: rc {rc}, eval {got['eval_s']:.2f} s, process {wall:.2f} s, "
-                        f"stand-ins {got['stand_ins']}",
+                        f"score {got.get('score')}, stand-ins {got['stand_ins']} {got.get('real_import_error', '')}",
                         flush=True,
                     )
     finally:
@@ -157,7 +166,8 @@ def main() -> int:
     a_proc = statistics.median(m[1] / s[1] for m, s in zip(mine, theirs, strict=True))
     results["a"] = {"mlaprop": mine, "sglang": theirs, "ratio_eval": a_eval, "ratio_process": a_proc}
 
-    # ---- B: whole runs
+
+def _part_b(args, results, model, smoke, extra, sim, out, n):  # type: ignore[no-untyped-def]
     if not args.skip_whole_run:
         report = out / "b-mlaprop"
         cmd = [*MLAPROP, "run", "--limit", n, "--dataset", args.dataset, "--no-progress"]
@@ -197,26 +207,30 @@ def main() -> int:
             print("B: SGLang test flow log tail:\n  " + "\n  ".join(tail), flush=True)
         results["b"] = {"mlaprop_s": m_wall, "sglang_s": s_wall, "sglang": got, "ratio": m_wall / s_wall}
 
+
+def _print_table(args, results, sim, mine, theirs):  # type: ignore[no-untyped-def]
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     (out / "h200_peer.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     where = "simulated server (dry run)" if sim else "on the H200, SGLang 0.5.11, tiny MLA FP8 model"
     print(f"\n| {where} | mlaprop | SGLang | mlaprop / SGLang |")
     print("|---|---|---|---|")
-    print(
-        f"| A. eval phase, same server, {args.limit} questions at {args.threads} | "
-        f"{statistics.median(m[0] for m in mine):.2f} s | {statistics.median(s[0] for s in theirs):.2f} s | "
-        f"**{a_eval:.2f}** |"
-    )
-    print(
-        f"| A. eval process start to exit | {statistics.median(m[1] for m in mine):.2f} s | "
-        f"{statistics.median(s[1] for s in theirs):.2f} s | {a_proc:.2f} |"
-    )
+    if "a" in results:
+        a = results["a"]
+        print(
+            f"| A. eval phase, same server, {args.limit} questions at {args.threads} | "
+            f"{statistics.median(m[0] for m in mine):.2f} s | {statistics.median(s[0] for s in theirs):.2f} s | "
+            f"**{a['ratio_eval']:.2f}** |"
+        )
+        print(
+            f"| A. eval process start to exit | {statistics.median(m[1] for m in mine):.2f} s | "
+            f"{statistics.median(s[1] for s in theirs):.2f} s | {a['ratio_process']:.2f} |"
+        )
     if "b" in results:
         b = results["b"]
         print(
             f"| B. whole run vs SGLang's test flow | {b['mlaprop_s']:.1f} s | {b['sglang_s']:.1f} s | "
             f"**{b['ratio']:.2f}** |"
         )
-    return 0
 
 
 if __name__ == "__main__":

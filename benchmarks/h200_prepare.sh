@@ -6,6 +6,7 @@
 #   .devwork/h200/          shared/h200's tools (on_device.sh installs the bundle)                 call 1
 #   .devwork/mgsm_en.tsv    MGSM-en (the device has no network and no ../shared)                   both
 #   .devwork/toxwheels/     tox + hatchling, which the device image lacks (7 MiB)                  call 2
+#   .devwork/extra/         jiter, which openai (SGLang's run_eval) imports and the bundle lacks   call 1
 # Existing files are kept. The bundle and the tox wheels do not fit one call (64 MiB per call), so
 # benchmarks/h200_tp2.sh runs in two phases.
 set -euo pipefail
@@ -30,4 +31,10 @@ if ! ls "$D"/toxwheels/tox-*.whl >/dev/null 2>&1; then
     --abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform any tox hatchling
 fi
-du -sh "$D/bundle.tar" "$D/h200" "$D/mgsm_en.tsv" "$D/toxwheels"
+# openai's chat client imports jiter, which the bundle lacks (SGLang's run_eval needs it on the device)
+if ! ls "$D"/extra/jiter-*.whl >/dev/null 2>&1; then
+  mkdir -p "$D/extra"
+  $PIP download -q -d "$D/extra" --only-binary=:all: --no-deps --python-version 3.12 \
+    --platform manylinux2014_x86_64 jiter
+fi
+du -sh "$D/extra" "$D/bundle.tar" "$D/h200" "$D/mgsm_en.tsv" "$D/toxwheels"

@@ -8,6 +8,9 @@
 #      fp8_e5m2 vs auto KV, random-weight batch dependence), the peer comparison (benchmarks/h200_peer.py:
 #      mlaprop eval vs SGLang run_eval on one server, mlaprop run vs SGLang's test flow), and kill -9 of
 #      mlaprop mid-eval (benchmarks/h200_kill9.py).
+#   D: run(carry=[".devwork/bundle.tar", ".devwork/h200", ".devwork/mgsm_en.tsv", ".devwork/extra"],
+#          command="OUT=$OUT bash benchmarks/h200_session.sh D", timeout_s=600)
+#      the peer comparison alone (A then B, nothing else on the GPU), every log brought back
 #   B: run(carry=[".devwork/toxwheels", ".devwork/mgsm_en.tsv"],
 #          command="OUT=$OUT bash benchmarks/h200_session.sh B", timeout_s=600)
 #      the README's venv-runner command: MLAPROP_PYTHON=/opt/torch/.venv/bin/python3 MLAPROP_SMOKE=1
@@ -21,6 +24,10 @@ mkdir -p "$OUT"
 D=$REPO/.devwork
 PY=/opt/torch/.venv/bin/python3
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/tmp/xdg
+jiter() {  # openai's chat client imports jiter, which the bundle lacks: without it every run_eval request
+  # raises ModuleNotFoundError and run_eval backs off 1+2+4+8+16+32 s per question (score 0 after ~80 s)
+  "$PY" -c "import jiter" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$D"/extra/jiter-*.whl
+}
 step() { echo; echo "=== $(date -u +%T) $*"; }
 smi() { nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader; }
 
@@ -30,6 +37,7 @@ A)
   # shellcheck disable=SC1091
   source "$D/h200/on_device.sh" "$D/bundle.tar"
   export PYTHONPATH=$REPO:$PYTHONPATH MLAPROP_DATASET=$D/mgsm_en.tsv
+  jiter
   smi | tee "$OUT/smi-A-before.csv"
   mkdir -p /tmp/xdg/mlaprop && ln -sfn /tmp/cache /tmp/xdg/mlaprop/canary  # tox in B finds the canary cached
   step "canary proof, peer comparison, kill -9: concurrently"
@@ -75,6 +83,7 @@ C)
   # shellcheck disable=SC1091
   source "$D/h200/on_device.sh" "$D/bundle.tar"
   export PYTHONPATH=$REPO:$PYTHONPATH MLAPROP_DATASET=$D/mgsm_en.tsv
+  jiter
   ARGS="--grammar-backend none --skip-server-warmup --mem-fraction-static 0.12 --max-total-tokens 600000"
   (timeout 330 "$PY" benchmarks/h200_peer.py --dataset "$D/mgsm_en.tsv" --out /tmp/peer --server-args "$ARGS" \
       > "$OUT/peer.log" 2>&1; echo "peer exit $?" >> "$OUT/peer.log"; cp /tmp/peer/h200_peer.json "$OUT/" 2>/dev/null) &
@@ -86,5 +95,31 @@ C)
   wait $PEER; tail -40 "$OUT/peer.log"
   ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
   ;;
-*) echo "usage: h200_session.sh A|B|C" >&2; exit 2 ;;
+D)
+  # the H200 peer comparison, both parts at once (A: mlaprop eval vs SGLang run_eval on one server;
+  # B: mlaprop run --smoke vs SGLang's test flow), with every log brought back
+  # shellcheck disable=SC1091
+  source "$D/h200/on_device.sh" "$D/bundle.tar"
+  export PYTHONPATH=$REPO:$PYTHONPATH MLAPROP_DATASET=$D/mgsm_en.tsv
+  jiter
+  "$PY" -c "import openai, httpx, jiter; print('openai', openai.__version__, 'httpx', httpx.__version__, 'jiter', jiter.__version__)"
+  step "build the canary once (both parts serve it)"
+  "$PY" -c "from mlaprop.canary import ensure_canary; print(ensure_canary('$D/mgsm_en.tsv'))" 2>&1 | tail -2
+  ARGS="--grammar-backend none --skip-server-warmup --mem-fraction-static 0.12 --max-total-tokens 600000"
+  (timeout ${PEER_TIMEOUT:-500} "$PY" benchmarks/h200_peer.py --dataset "$D/mgsm_en.tsv" --out /tmp/peer-a \
+      --server-args "$ARGS" --skip-whole-run > "$OUT/peer-a.log" 2>&1; echo "peer A exit $?" >> "$OUT/peer-a.log") &
+  PA=$!
+  [ "${SEQUENTIAL:-1}" = 1 ] && wait $PA  # B's timings alone on the GPU unless SEQUENTIAL=0
+  (timeout ${PEER_TIMEOUT:-500} "$PY" benchmarks/h200_peer.py --dataset "$D/mgsm_en.tsv" --out /tmp/peer-b \
+      --server-args "$ARGS" --skip-eval > "$OUT/peer-b.log" 2>&1; echo "peer B exit $?" >> "$OUT/peer-b.log") &
+  PB=$!
+  wait $PA 2>/dev/null; wait $PB
+  for f in /tmp/peer-a/*.log /tmp/peer-b/*.log /tmp/peer-a/*.json /tmp/peer-b/*.json; do
+    [ -f "$f" ] && tail -c 200000 "$f" > "$OUT/$(basename "$(dirname "$f")")-$(basename "$f")"
+  done
+  step "peer A"; cat "$OUT/peer-a.log"; step "peer B"; cat "$OUT/peer-b.log"
+  grep -c "Rate limit exception" /tmp/peer-a/a-sglang-0.log 2>/dev/null | sed 's/^/run_eval retries: /'
+  ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
+  ;;
+*) echo "usage: h200_session.sh A|B|C|D" >&2; exit 2 ;;
 esac

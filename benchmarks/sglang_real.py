@@ -85,7 +85,9 @@ def load(dataset: str) -> types.SimpleNamespace:
         from sglang.test.test_utils import popen_launch_server  # type: ignore[import-not-found]
 
         stand_ins = False
-    except Exception:
+        real_error = ""
+    except Exception as exc:  # recorded: why the real modules could not be imported
+        real_error = f"{type(exc).__name__}: {exc}"[:300]
         root = _sglang_dir()
         _namespace_package("sglang", root)
         _namespace_package("sglang.test", root / "test")
@@ -143,6 +145,7 @@ def load(dataset: str) -> types.SimpleNamespace:
         kill_process_tree=kill_process_tree,
         run_eval=run_eval_mod.run_eval,
         stand_ins=stand_ins,
+        real_error=real_error,
     )
 
 
@@ -166,7 +169,11 @@ def main() -> int:
     args = p.parse_args()
     t_import = time.monotonic()
     sg = load(args.dataset)
-    out: dict[str, Any] = {"stand_ins": sg.stand_ins, "import_s": time.monotonic() - t_import}
+    out: dict[str, Any] = {
+        "stand_ins": sg.stand_ins,
+        "real_import_error": sg.real_error,
+        "import_s": time.monotonic() - t_import,
+    }
     sys.stdout.flush()
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # SGLang prints progress; keep stdout for our one JSON line
