@@ -49,14 +49,21 @@ __all__ = [
 #: What a secret value is replaced by.
 MASK = "***"
 
-_SECRET_NAMES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "TOKEN", "SECRET", "PASSWORD"})
+_SECRET_NAMES = frozenset(
+    {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "AUTH"}
+)
 #: Secret flags of ``sglang.launch_server``; argparse also accepts any unique prefix of them (``--api-ke``).
 _SECRET_FLAGS = ("--api-key", "--admin-api-key", "--hf-token")
-_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD", "_PASSWD", "_AUTH", "_CREDENTIALS")
+#: Parts that make any name a secret wherever they sit (``AWS_SECRET_ACCESS_KEY``, ``GCP_PRIVATE_KEY_ID``).
+_SECRET_PARTS = ("SECRET", "PASSWORD", "PASSWD", "ACCESS_KEY", "PRIVATE_KEY")
 
 # A secret-named key, as an env var, a flag (dashes) or a Python attribute, optionally quoted, then
 # "=" or ":" and the value (optionally quoted). The value stops at whitespace, a quote, a comma or a bracket.
-_NAME = r"[A-Za-z0-9_-]*(?:api[_-]key|[_-]token|[_-]secret|[_-]password)|hf_token|token|secret|password"
+_NAME = (
+    r"[A-Za-z0-9_-]*(?:api[_-]key|[_-]token|[_-]secret|[_-]password|[_-]passwd|[_-]auth"
+    r"|[_-]access[_-]key|[_-]secret[_-]key|[_-]private[_-]key)|hf_token|token|secret|password|passwd"
+)
 _ASSIGNMENT = re.compile(
     rf"""(?ix)
     (?<![A-Za-z0-9_-])
@@ -105,7 +112,7 @@ def is_secret_name(name: str) -> bool:
     that argparse would expand to a secret flag (``--api-ke``, ``--admin-api``) counts too."""
     stripped = name.strip()
     key = stripped.lstrip("-").replace("-", "_").upper()
-    if key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES):
+    if key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES) or any(p in key for p in _SECRET_PARTS):
         return True
     if stripped.startswith("--") and len(stripped) >= 5:
         return any(f.startswith(stripped.lower()) for f in _SECRET_FLAGS)
@@ -133,9 +140,10 @@ _KEY_VALUE = (
     r"""['"]?\s*[=:](?=\s*['"]|\s*(?!none(?:""" + _V + r"""|$))(?!\d+(?:""" + _V + r"""|$))[^\s'",)}\]])"""
 )
 _PRECHECKS = (
-    *(re.compile(k + _KEY_VALUE) for k in ("token", "secret", "password")),
+    *(re.compile(k + _KEY_VALUE) for k in ("token", "secret", "password", "passwd", "auth")),
+    *(re.compile(k + _KEY_VALUE) for k in ("access_key", "access-key", "private_key", "private-key")),
     *(re.compile(k + r"""['"]?\s*[=:]""") for k in ("api_key", "api-key")),  # digits count for API keys
-    re.compile(r"--(?:api|adm|hf-|[a-z0-9-]*(?:key|token|secret|password))"),
+    re.compile(r"--(?:api|adm|hf-|[a-z0-9-]*(?:key|token|secret|password|passwd|auth))"),
 )
 _PRECHECK_WORDS = ("authoriz", "bearer", "hf_", "://")
 

@@ -134,13 +134,40 @@ class TestArgvAndEnv:
             ("api_key", True),
             ("OPENAI_API_KEY", True),
             ("DB_PASSWORD", True),
+            ("AWS_SECRET_ACCESS_KEY", True),
+            ("AWS_ACCESS_KEY_ID", True),
+            ("PASSWD", True),
+            ("NPM_AUTH", True),
+            ("GOOGLE_APPLICATION_CREDENTIALS", True),
             ("--max-total-tokens", False),
+            ("MAX_TOKENS", False),
+            ("AUTHOR", False),
             ("HF_HOME", False),
             ("SGLANG_IS_IN_CI_AMD", False),
         ],
     )
     def test_is_secret_name(self, name: str, secret: bool) -> None:
         assert is_secret_name(name) is secret
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENG", "wJalrXUtnFEMIK7MDENG"),
+        ("aws_access_key: AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
+        ("NPM_AUTH=npm_s3cr3tvalue", "npm_s3cr3tvalue"),
+        ("passwd='hunter two'", "hunter two"),
+        ("--db-passwd hunter2", "hunter2"),
+        ("GCP_PRIVATE_KEY=abcdef123", "abcdef123"),
+    ],
+)
+def test_more_secret_names_are_masked_in_text(text: str, hidden: str) -> None:
+    """Values of AWS, npm, passwd and private-key style names are masked in free text."""
+    from mlaprop.redact import redact as _redact
+
+    out = _redact(text)
+    assert hidden not in out
+    assert MASK in out
 
 
 def test_url_credentials_are_masked() -> None:
