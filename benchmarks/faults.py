@@ -11,8 +11,8 @@ becomes ready) and while MGSM runs (``eval``), the server tree holding children 
 with an empty environment that ignores SIGTERM (so teardown waits the 10 s grace before SIGKILL;
 ``-polite``: the grandchild obeys SIGTERM); ``grandchild`` (the same grandchild, a normal run);
 ``secrets`` (the server echoes every secret bare, repr'd, JSON-escaped, URL-encoded, in tracebacks and in
-the body of every 3rd answer, an HTTP 500; ``secrets-abort``: every 2nd, so some requests fail on every retry
-and their error bodies reach the report); ``flood`` (100 MB of log while MGSM runs, one line of 20 MB, mirrored with
+the body of every 3rd answer, an HTTP 500; ``secrets-abort``: every answer, so the eval stops at the
+error bound and the error bodies reach the report); ``flood`` (100 MB of log while MGSM runs, one line of 20 MB, mirrored with
 ``--server-log``); ``foreign`` (another program answers on the server's port first); ``port-busy`` (the
 server fails to bind on every attempt).
 
@@ -354,7 +354,7 @@ def cases(quick: bool) -> list[Case]:
         Case(
             "secrets-abort",
             faults="echo-secrets",
-            env={"FAKE_SGLANG_ERROR_EVERY": "2"},
+            env={"FAKE_SGLANG_ERROR_EVERY": "1"},
             check=_aborted_run,
         )
     )

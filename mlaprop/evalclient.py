@@ -69,6 +69,11 @@ GATE_CONCURRENCY = 1024
 
 #: File descriptors kept free for everything but the eval's connections (logs, reports, the server's pipes).
 _FD_RESERVE = 32
+#: The shortest run of first-attempt failures (different items, no answer between) that stops an eval
+#: without waiting for retries, however small the error bound. A server that fails one first attempt in three
+#: and answers the retries gives such a run with probability about (1/3)^12 = 2e-6 at any point; a server
+#: failing everything reaches it within the first wave.
+TRIP_FLOOR = 12
 
 
 def default_concurrency(n_questions: int, server_info: Mapping[str, Any] | None = None) -> int:
@@ -139,7 +144,9 @@ class ClientConfig:
             longer end under it). The stop does not wait for retries: once more *different* items have had a
             request fail in a row (HTTP 5xx or no connection; 429 is back-pressure and does not count), with
             no answer anywhere between, than this share allows, the server is failing everything and the
-            run stops at that failure (a server failing every request: at the 13th of 250 at 5%).
+            run stops at that failure (a server failing every request: at the 13th of 250 at 5%); such a run
+            must be at least :data:`TRIP_FLOOR` items long, so a few flaky first attempts that complete together
+            wait for their retries however small the eval.
         max_consecutive_errors: stop after this many different items failed in a row with no answer
             between (as above), whatever the share.
         alive_poll_s: how often the server process is checked while waiting, seconds.
@@ -643,8 +650,10 @@ def run_concurrent(
     budget = math.floor(cfg.max_error_rate * total + 1e-9)  # failures the run may have and still count
     done_queue: queue.SimpleQueue[cf.Future[R] | str] = queue.SimpleQueue()
     # a run of failures across different items, with no answer between, trips the stop once it is longer
-    # than the bound allows (at least 3 items: one or two flaky requests are what retries are for)
-    client._tally.arm(min(max(budget + 1, 3), cfg.max_consecutive_errors), done_queue.put)
+    # than the bound allows (at least TRIP_FLOOR items: a few flaky first attempts are what retries are for;
+    # with 40 questions a bound of 2 would trip on three 500s that completed in a row and would each have
+    # been answered on retry)
+    client._tally.arm(min(max(budget + 1, TRIP_FLOOR), cfg.max_consecutive_errors), done_queue.put)
     progress = _Progress(total, cfg.progress, desc)
     pool = cf.ThreadPoolExecutor(
         max_workers=min(client.concurrency, max(1, total)), thread_name_prefix="mlaprop"
