@@ -11,6 +11,8 @@
 #   D: run(carry=[".devwork/bundle.tar", ".devwork/h200", ".devwork/mgsm_en.tsv", ".devwork/extra"],
 #          command="OUT=$OUT bash benchmarks/h200_session.sh D", timeout_s=600)
 #      the peer comparison alone (A then B, nothing else on the GPU), every log brought back
+#   E: run(carry as D, command="OUT=$OUT bash benchmarks/h200_session.sh E", timeout_s=600)
+#      D, then pytest tests/gpu (canary gate, determinism bites with and without the flag, seed failure)
 #   B: run(carry=[".devwork/toxwheels", ".devwork/mgsm_en.tsv"],
 #          command="OUT=$OUT bash benchmarks/h200_session.sh B", timeout_s=600)
 #      the README's venv-runner command: MLAPROP_PYTHON=/opt/torch/.venv/bin/python3 MLAPROP_SMOKE=1
@@ -121,5 +123,23 @@ D)
   grep -c "Rate limit exception" /tmp/peer-a/a-sglang-0.log 2>/dev/null | sed 's/^/run_eval retries: /'
   ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
   ;;
-*) echo "usage: h200_session.sh A|B|C|D" >&2; exit 2 ;;
+E)
+  # the final proof in one call: D (the peer comparison, alone on the GPU), then the GPU tests with the
+  # canary gate and both determinism-bites cases, run directly with the device venv's pytest (3 workers)
+  PEER_TIMEOUT=${PEER_TIMEOUT:-300} bash "$0" D
+  # shellcheck disable=SC1091
+  source "$D/h200/on_device.sh" "$D/bundle.tar"  # installed by D already: this only exports
+  export PYTHONPATH=$REPO:$PYTHONPATH MLAPROP_DATASET=$D/mgsm_en.tsv
+  step "pytest tests/gpu -m 'gpu and nvidia' -n 3 (smoke: canary gate, determinism bites, seed failure)"
+  t0=$SECONDS
+  MLAPROP_EXPECT_VENDOR=nvidia MLAPROP_SMOKE=1 MLAPROP_READY_TIMEOUT=300 \
+    MLAPROP_SERVER_ARGS="--grammar-backend none --skip-server-warmup --mem-fraction-static 0.12 --max-total-tokens 600000" \
+    MLAPROP_REPORT_DIR=/tmp/mlaprop-report/smoke timeout ${GPU_TIMEOUT:-240} "$PY" -m pytest tests/gpu -m "gpu and nvidia" \
+    -n 3 -p no:cacheprovider -rA --junitxml="$OUT/junit-gpu.xml" > "$OUT/gpu.log" 2>&1
+  echo "pytest exit $?, $((SECONDS - t0)) s"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu.log" | tail -12
+  cp /tmp/mlaprop-report/smoke/summary.json "$OUT/summary-smoke.json" 2>/dev/null
+  smi
+  ps -eo pid,etimes,args | grep -E "sglang|mlaprop" | grep -v grep || echo "no sglang or mlaprop process left"
+  ;;
+*) echo "usage: h200_session.sh A|B|C|D|E" >&2; exit 2 ;;
 esac
